@@ -1,0 +1,143 @@
+"""The encoders that map a condition into the decoder's token space (paper section 3.3, Figure 2).
+
+* `Transformer`: the CLIP-style transformer that both GLIDE's text encoder and PITI's task
+  encoder use (pre-LayerNorm residual blocks, fp32 LayerNorm, GELU MLP, no causal mask).
+* `ConditionEncoder`: PITI's task-specific head E_i. A small CNN turns a 256x256 condition (a
+  color-coded mask: 3 channels, a sketch: 1, depth+normal: 6) into a 16x16 grid of 512-d
+  features; with a cls token and learned positions they go through the transformer. The cls
+  output is the pooled latent (added to the timestep embedding), the 256 other tokens are the
+  sequence the UNet attends to. This is the only part trained in stage 1.
+* `add_text_encoder` / `encode_text`: GLIDE's text encoder (token, positional and padding
+  embeddings, transformer, final LayerNorm) for text-conditioned pretraining; the last token's
+  output is the pooled latent.
+
+Both return (pooled (B, W), tokens (B, W, L)), the `cond` argument of `nanopiti.unet.UNet`.
+"""
+
+import torch
+import torch.nn as nn
+
+from .ops import attention
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype, as GLIDE does."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class MultiheadAttention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.c_qkv = nn.Linear(width, 3 * width)
+        self.c_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, w = x.shape
+        # GLIDE's layout: the qkv features are grouped per head as [q | k | v].
+        qkv = self.c_qkv(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, 3D)
+        q, k, v = qkv.split(w // self.heads, dim=-1)
+        h = attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+        return self.c_proj(h)
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = MLP(width)
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x):
+        for block in self.resblocks:
+            x = block(x)
+        return x
+
+
+class ConditionCNN(nn.Module):
+    """7x7 conv then four stride-2 3x3 convs (InstanceNorm + LeakyReLU), then a 3x3 conv: 256 -> 16.
+    PITI's width is 512; smaller models (the toy world) narrow the last two convs."""
+
+    def __init__(self, in_channels, width=512):
+        super().__init__()
+        widths = [in_channels, 32, 64, 128, 256, width]
+        for i in range(1, 6):
+            kernel, stride = (7, 1) if i == 1 else (3, 2)
+            setattr(self, f"conv{i}", nn.Conv2d(widths[i - 1], widths[i], kernel, stride, padding=kernel // 2))
+            setattr(self, f"norm{i}", nn.InstanceNorm2d(widths[i], affine=True))
+        self.conv6 = nn.Conv2d(width, width, 3, 1, padding=1)
+        self.act = nn.LeakyReLU(0.2)
+
+    def forward(self, x):
+        for i in range(1, 6):
+            x = self.act(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)))
+        return self.conv6(x)
+
+
+class ConditionEncoder(nn.Module):
+    """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm."""
+
+    def __init__(self, in_channels=3, width=512, layers=8, heads=8):
+        super().__init__()
+        self.transformer = Transformer(width, layers, heads)
+        self.cnn = ConditionCNN(in_channels, width)
+        self.final_ln = LayerNorm(width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.positional_embedding = nn.Parameter(torch.randn(1, 256 + 1, width) * 0.01)
+
+    def forward(self, ref):
+        x = self.cnn(ref).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
+        x = x + self.positional_embedding[:, 1:]
+        # PITI appends the cls token at the end (with position 0), so it plays the role of
+        # GLIDE's last text token, whose output is the pooled latent.
+        cls = (self.cls_token + self.positional_embedding[:, :1]).expand(x.shape[0], -1, -1)
+        x = self.final_ln(self.transformer(torch.cat([x, cls], dim=1)))
+        return x[:, -1], x[:, :-1].transpose(1, 2)
+
+
+def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257,
+                     final_ln=True, padding=True):
+    """Give `module` GLIDE's text encoder: token, positional and padding embeddings, transformer,
+    final LayerNorm. GLIDE stores these beside the UNet's parameters at the top level of its
+    checkpoints, so they are attached to the model itself rather than nested in a submodule."""
+    module.transformer = Transformer(width, layers, heads)
+    module.final_ln = LayerNorm(width) if final_ln else None
+    module.token_embedding = nn.Embedding(n_vocab, width)
+    module.positional_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01)
+    module.padding_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01) if padding else None
+
+
+def encode_text(module, tokens, mask):
+    """Run the text encoder attached by `add_text_encoder`. tokens (B, text_ctx) int, mask
+    (B, text_ctx) bool, False at padding. The last token's output is the pooled latent."""
+    x = module.token_embedding(tokens.long()) + module.positional_embedding[None]
+    if module.padding_embedding is not None:
+        x = torch.where(mask[..., None], x, module.padding_embedding[None])
+    x = module.transformer(x)
+    if module.final_ln is not None:
+        x = module.final_ln(x)
+    return x[:, -1], x.transpose(1, 2)

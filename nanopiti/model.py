@@ -1,0 +1,196 @@
+"""The two models and the checkpoint loader.
+
+* `GlideText`: GLIDE's text-conditioned UNet (base 64x64 or the 64->256 upsampler), the
+  pretrained prior of the paper (section 3.2). `model(x_t, t, tokens=..., mask=..., low_res=...)`.
+* `PITI`: `encoder` (the task's ConditionEncoder) + `decoder` (the GLIDE UNet with its
+  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, ref=..., low_res=...)`.
+* `load_model(path_or_state_dict)`: recognises a GLIDE or PITI checkpoint (released or nanopiti's)
+  from its keys and shapes, builds the model with the right hyper-parameters, loads the weights
+  strictly and returns it in eval mode.
+
+A model is described by a plain dict, `model.config`, which nanopiti checkpoints store.
+"""
+
+import os
+
+import torch
+import torch.nn as nn
+
+from .encoder import ConditionEncoder, add_text_encoder, encode_text
+from .unet import UNet
+
+TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # condition channels of each task
+UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels",
+             "dropout", "use_scale_shift_norm")
+
+
+class ModelError(ValueError):
+    """A file or state dict that is not the model it should be; the message says what and why."""
+
+
+class GlideText(UNet):
+    """GLIDE's Text2ImUNet / SuperResText2ImUNet: the UNet with GLIDE's text encoder beside it."""
+
+    def __init__(self, config):
+        unet = {k: config[k] for k in UNET_KEYS}
+        super().__init__(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
+                         encoder_channels=config["xf_width"], cond_dim=config["xf_width"], **unet)
+        add_text_encoder(self, config["text_ctx"], config["xf_width"], config["xf_layers"], config["xf_heads"],
+                         config["n_vocab"], config["xf_final_ln"], config["xf_padding"])
+        self.config = dict(config)
+
+    def encode(self, tokens, mask):
+        return encode_text(self, tokens, mask)
+
+    def forward(self, x, timesteps, tokens=None, mask=None, low_res=None):
+        return super().forward(x, timesteps, self.encode(tokens, mask), low_res)
+
+
+class PITI(nn.Module):
+    """PITI's Text2ImModel / SuperResText2ImModel: task encoder E_i + pretrained decoder D."""
+
+    def __init__(self, config):
+        super().__init__()
+        unet = {k: config[k] for k in UNET_KEYS}
+        width = config["encoder_width"]
+        self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"])
+        self.decoder = UNet(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
+                            encoder_channels=width, cond_dim=width, **unet)
+        self.config = dict(config)
+
+    def encode(self, ref):
+        return self.encoder(ref)
+
+    def forward(self, x, timesteps, ref=None, low_res=None):
+        return self.decoder(x, timesteps, self.encode(ref), low_res)
+
+
+def base_config(kind="piti", super_res=False, task="mask"):
+    """The hyper-parameters of the released full-size models (GLIDE base.pt/upsample.pt and PITI's
+    base/upsample checkpoints): 64x64 base with 3 blocks per level, 256x256 upsampler with 2."""
+    config = dict(
+        kind=kind, super_res=super_res, image_size=256 if super_res else 64, model_channels=192,
+        num_res_blocks=2 if super_res else 3, channel_mult=[1, 1, 2, 2, 4, 4] if super_res else [1, 2, 3, 4],
+        attention_ds=[8, 16, 32] if super_res else [2, 4, 8],  # attention at 32, 16 and 8
+        num_head_channels=64, dropout=0.0, use_scale_shift_norm=True,
+        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+    if kind == "glide":
+        config.update(text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
+                      n_vocab=50257)
+    else:
+        config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=512, encoder_layers=8,
+                      encoder_heads=8)
+    return config
+
+
+def build_model(config):
+    if config.get("kind") == "glide":
+        return GlideText(config)
+    if config.get("kind") == "piti":
+        return PITI(config)
+    raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
+
+
+def infer_config(state_dict, hints=None):
+    """Read a model's hyper-parameters off its state dict's keys and shapes.
+
+    Head counts and the image size leave no trace in the weights: they come from `hints` (a
+    checkpoint's own config) or default to the released models' (64 channels per head, 8 heads
+    in the transformers, 64x64 base / 256x256 upsampler)."""
+    hints = hints or {}
+    if "decoder.input_blocks.0.0.weight" in state_dict and "encoder.cnn.conv1.weight" in state_dict:
+        kind, p = "piti", "decoder."
+    elif "input_blocks.0.0.weight" in state_dict and "token_embedding.weight" in state_dict:
+        kind, p = "glide", ""
+    else:
+        some = ", ".join(list(state_dict)[:4]) or "none"
+        raise ModelError(f"not a GLIDE or PITI model: no UNet with a text or condition encoder (first keys: {some})")
+    mc, in_ch = state_dict[p + "input_blocks.0.0.weight"].shape[:2]
+    super_res = in_ch == 6
+    def count(prefix):  # how many numbered children `prefix` has, e.g. decoder.input_blocks.N
+        return 1 + max(int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix))
+
+    n_in, n_out = count(p + "input_blocks."), count(p + "output_blocks.")
+    # Every level but the first ends its output blocks with an upsampling ResBlock, the last
+    # layer of its block: count those to get the number of levels.
+    ups = sum(1 for i in range(n_out) if any(k.startswith(f"{p}output_blocks.{i}.") and ".in_layers." in k
+                                                and f"{p}output_blocks.{i}.0." not in k for k in state_dict))
+    levels = ups + 1
+    per_level = n_out // levels  # num_res_blocks + 1
+    assert n_in == levels * per_level, "input and output blocks disagree"
+    mult, attention_ds = [], []
+    for level in range(levels):
+        first = 1 + level * per_level
+        mult.append(state_dict[f"{p}input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if f"{p}input_blocks.{first}.1.qkv.weight" in state_dict:
+            attention_ds.append(2 ** level)
+    config = dict(kind=kind, super_res=bool(super_res), model_channels=int(mc), num_res_blocks=per_level - 1,
+                  channel_mult=mult, attention_ds=attention_ds, dropout=0.0, use_scale_shift_norm=True,
+                  num_head_channels=hints.get("num_head_channels", 64),
+                  image_size=hints.get("image_size", 256 if super_res else 64),
+                  noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+    if kind == "glide":
+        ctx, width = state_dict["positional_embedding"].shape
+        config.update(text_ctx=ctx, xf_width=width, n_vocab=state_dict["token_embedding.weight"].shape[0],
+                      xf_layers=count("transformer.resblocks."),
+                      xf_heads=hints.get("xf_heads", 8), xf_final_ln="final_ln.weight" in state_dict,
+                      xf_padding="padding_embedding" in state_dict)
+    else:
+        cond_channels = state_dict["encoder.cnn.conv1.weight"].shape[1]
+        task = {c: t for t, c in TASK_CHANNELS.items()}.get(cond_channels)
+        if task is None:
+            raise ModelError(f"PITI encoder takes {cond_channels} condition channels; known tasks take 3, 1 or 6")
+        layers = count("encoder.transformer.resblocks.")
+        config.update(task=task, cond_channels=cond_channels, encoder_width=state_dict["encoder.cls_token"].shape[-1],
+                      encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8))
+    return config
+
+
+def _read(path):
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds here; all mean "not a checkpoint we can read"
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def _load_strict(model, state_dict, name):
+    model_sd = model.state_dict()
+    missing = [k for k in model_sd if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in model_sd]
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in model_sd.items()
+             if k in state_dict and state_dict[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
+        raise ModelError(f"{name}: weights do not fit the {model.config['kind']} model; " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_model(path_or_state_dict, use_ema=True, config=None):
+    """Build and load a GLIDE or PITI model, in eval mode, fp32, on the CPU.
+
+    Accepts a path or an already loaded object: a released checkpoint (a bare state dict), a
+    nanopiti checkpoint (`config` + `model`, and `ema`, preferred unless use_ema=False), or a dict
+    with `state_dict` and an optional `config` of hints (as the reference files hold).
+    """
+    name = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict"
+    obj = _read(path_or_state_dict) if name != "state dict" else path_or_state_dict
+    if not isinstance(obj, dict):
+        raise ModelError(f"{name}: holds a {type(obj).__name__}, not a state dict")
+    hints = {}
+    if "model" in obj and "config" in obj:  # a nanopiti checkpoint
+        config = config or obj["config"]
+        state_dict = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
+    else:
+        if "state_dict" in obj:
+            hints, obj = obj.get("config", {}), obj["state_dict"]
+        state_dict = obj
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ModelError(f"{name}: not a state dict of tensors")
+    state_dict = {k: v.float() for k, v in state_dict.items()}
+    config = config or infer_config(state_dict, hints)
+    model = build_model(config)
+    _load_strict(model, state_dict, name)
+    return model.eval()

@@ -1,0 +1,216 @@
+"""The GLIDE UNet: the decoder of PITI (paper section 3.2-3.3, Figure 2).
+
+A guided-diffusion UNet whose attention blocks also attend to condition tokens. The condition
+(GLIDE: text tokens from its transformer; PITI: the task encoder's tokens) enters in two ways:
+  * the pooled token, projected by `transformer_proj`, is added to the timestep embedding, and
+    so modulates every ResBlock through its scale-shift norm (FiLM);
+  * the token sequence, projected by each attention block's `encoder_kv`, is prepended to the
+    image tokens as extra keys and values.
+The super-resolution variant concatenates the bilinearly upsampled low-res image to x_t.
+The output has 6 channels: epsilon (eq. 3) and the learned-range variance values.
+Parameter names equal those of the released GLIDE and PITI checkpoints.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .ops import attention, group_norm_act
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f_i), sin(t f_i)]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm over 32 groups, computed in fp32, with the following FiLM and SiLU fused in."""
+
+    def __init__(self, channels: int, silu: bool):
+        super().__init__(32, channels)
+        self.silu = silu
+
+    def forward(self, x, scale=None, shift=None):
+        return group_norm_act(x, self, scale, shift, self.silu)
+
+
+class ResBlock(nn.Module):
+    """norm-SiLU-conv, then norm with the timestep/condition FiLM, SiLU, dropout, conv; plus skip.
+
+    With `up`/`down` the block also resamples (nearest x2 / average-pool /2) between the first
+    norm and the first conv, on both the residual and the skip path (GLIDE's resblock_updown).
+    """
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None,
+                 use_scale_shift_norm=True, up=False, down=False):
+        super().__init__()
+        out_channels = out_channels or channels
+        self.use_scale_shift_norm = use_scale_shift_norm
+        # Module indices are kept as in GLIDE (in_layers.0/.2, out_layers.0/.3) so that the
+        # checkpoints load; the SiLUs are fused into the norms, their slots hold Identity.
+        self.in_layers = nn.Sequential(GroupNorm32(channels, silu=True), nn.Identity(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.updown = "up" if up else "down" if down else None
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
+        nn.init.zeros_(out_conv.bias)
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(),
+                                        nn.Dropout(dropout), out_conv)
+        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+
+    def resample(self, h):
+        if self.updown == "up":
+            return F.interpolate(h, scale_factor=2, mode="nearest")
+        return F.avg_pool2d(h, kernel_size=2, stride=2)
+
+    def forward(self, x, emb):
+        h = self.in_layers[0](x)
+        if self.updown is not None:
+            h, x = self.resample(h), self.resample(x)
+        h = self.in_layers[2](h)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        if self.use_scale_shift_norm:
+            scale, shift = emb_out.chunk(2, dim=1)
+            h = self.out_layers[0](h, scale, shift)
+        else:
+            h = self.out_layers[0](h + emb_out[..., None, None])
+        h = self.out_layers[3](self.out_layers[2](h))
+        return self.skip_connection(x) + h
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over the image tokens, with the condition tokens prepended to keys and values.
+
+    GLIDE's head layout: the qkv projection's channels are grouped per head as [q | k | v] of
+    `head_channels` each, and `encoder_kv`'s as [k | v]; the condition keys come first.
+    """
+
+    def __init__(self, channels, num_head_channels, encoder_channels=None):
+        super().__init__()
+        self.num_heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels, silu=False)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1) if encoder_channels else None
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, cond_tokens=None):
+        b, c, *spatial = x.shape
+        heads, d = self.num_heads, c // self.num_heads
+        qkv = self.qkv(self.norm(x).view(b, c, -1))  # (B, 3C, L)
+        q, k, v = qkv.view(b, heads, 3 * d, -1).split(d, dim=2)  # each (B, H, D, L)
+        if self.encoder_kv is not None and cond_tokens is not None:
+            ek, ev = self.encoder_kv(cond_tokens).view(b, heads, 2 * d, -1).split(d, dim=2)
+            k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
+        h = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # (B, H, L, D)
+        h = h.transpose(-1, -2).reshape(b, c, -1)
+        return x + self.proj_out(h).view(b, c, *spatial)
+
+
+class TimestepSequential(nn.Sequential):
+    """A sequence of layers, each given what it needs: ResBlocks the embedding, attention the tokens."""
+
+    def forward(self, h, emb, cond_tokens):
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, AttentionBlock):
+                h = layer(h, cond_tokens)
+            else:
+                h = layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """GLIDE's UNetModel (use_scale_shift_norm and resblock_updown as in every released model).
+
+    attention_ds: the downsampling factors at which attention blocks sit (e.g. (2, 4, 8) for
+    attention at 32, 16, 8 in a 64x64 model). cond_dim: width of the pooled condition token that
+    `transformer_proj` maps into the timestep embedding (None: no condition). encoder_channels:
+    width of the condition tokens that `encoder_kv` projects (None: plain self-attention).
+    super_res: in_channels counts x_t and the upsampled low-res image together.
+    """
+
+    def __init__(self, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
+                 attention_ds=(2, 4, 8), dropout=0.0, channel_mult=(1, 2, 3, 4), num_head_channels=64,
+                 use_scale_shift_norm=True, encoder_channels=None, cond_dim=None, super_res=False,
+                 grad_checkpointing=False):
+        super().__init__()
+        self.model_channels, self.super_res = model_channels, super_res
+        self.grad_checkpointing = grad_checkpointing
+        emb_dim = 4 * model_channels
+        self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def res(ch_in, ch_out, **kw):
+            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **kw)
+
+        def attn(ch):
+            return AttentionBlock(ch, num_head_channels, encoder_channels)
+
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
+        skip_chans, ds = [ch], 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_ds:
+                    layers.append(attn(ch))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                self.input_blocks.append(TimestepSequential(res(ch, ch, down=True)))
+                skip_chans.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(res(ch, ch), attn(ch), res(ch, ch))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                layers = [res(ch + skip_chans.pop(), int(model_channels * mult))]
+                ch = int(model_channels * mult)
+                if ds in attention_ds:
+                    layers.append(attn(ch))
+                if level and i == num_res_blocks:
+                    layers.append(res(ch, ch, up=True))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+        out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)
+        nn.init.zeros_(out_conv.bias)
+        self.out = nn.Sequential(GroupNorm32(ch, silu=True), nn.Identity(), out_conv)
+        if cond_dim is not None:
+            self.transformer_proj = nn.Linear(cond_dim, emb_dim)
+
+    def _run(self, block, h, emb, cond_tokens):
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, cond_tokens, use_reentrant=False)
+        return block(h, emb, cond_tokens)
+
+    def forward(self, x, timesteps, cond=None, low_res=None):
+        """x (B, 3, H, W) noisy image, timesteps (B,) as the network sees them, cond = (pooled
+        (B, W), tokens (B, W, L)) from an encoder or None, low_res (B, 3, h, w) for super-res."""
+        if self.super_res:
+            upsampled = F.interpolate(low_res, x.shape[-2:], mode="bilinear", align_corners=False)
+            x = torch.cat([x, upsampled], dim=1)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        cond_tokens = None
+        if cond is not None:
+            pooled, cond_tokens = cond
+            emb = emb + self.transformer_proj(pooled).to(emb)
+        h, skips = x, []
+        for block in self.input_blocks:
+            h = self._run(block, h, emb, cond_tokens)
+            skips.append(h)
+        h = self._run(self.middle_block, h, emb, cond_tokens)
+        for block in self.output_blocks:
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, cond_tokens)
+        return self.out[2](self.out[0](h))

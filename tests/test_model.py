@@ -1,0 +1,108 @@
+"""The model core equals the original GLIDE and PITI code (reference outputs on random weights)
+and builds the released full-size models with exactly their keys, shapes and parameter counts."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanopiti
+from nanopiti.model import ModelError, base_config, build_model, infer_config
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+MODELS = ["glide_text_base", "glide_text_upsample", "piti_mask_base", "piti_mask_upsample"]
+PRESETS = {  # manifest name -> base_config arguments
+    "glide_base": ("glide", False, "mask"), "glide_upsample": ("glide", True, "mask"),
+    "piti_mask_base": ("piti", False, "mask"), "piti_mask_upsample": ("piti", True, "mask"),
+    "piti_sketch_base": ("piti", False, "sketch"), "piti_sketch_upsample": ("piti", True, "sketch"),
+    "piti_depth_normal_base": ("piti", False, "depth"),
+}
+
+
+@pytest.fixture(scope="module")
+def manifests():
+    return json.loads((REFERENCE / "checkpoint_manifests.json").read_text())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reference_outputs(name):
+    ref = torch.load(REFERENCE / f"{name}.pt")
+    model = nanopiti.load_model(ref)
+    inputs = dict(ref["inputs"])
+    x, t = inputs.pop("x"), inputs.pop("t")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, **inputs), ref["output"], atol=1e-4, rtol=0)
+        if "output_null_ref" in ref:  # the null condition of classifier-free guidance
+            inputs["ref"] = torch.ones_like(inputs["ref"])
+            torch.testing.assert_close(model(x, t, **inputs), ref["output_null_ref"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_full_size_models_match_manifest(name, manifests):
+    manifest = manifests[name]
+    with torch.device("meta"):
+        model = build_model(base_config(*PRESETS[name]))
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == manifest["state_dict"]
+    assert sum(p.numel() for p in model.parameters()) == manifest["params"]
+    # and the loader reads the same hyper-parameters back off the shapes alone
+    fake = {k: torch.empty(s, device="meta") for k, s in manifest["state_dict"].items()}
+    assert infer_config(fake) == base_config(*PRESETS[name])
+
+
+def test_parameter_count_of_glide_base_and_piti_mask_base(manifests):
+    assert manifests["glide_base"]["params"] == 385_030_726
+    assert manifests["piti_mask_base"]["params"] == 338_015_302
+
+
+def test_load_from_path_and_nanopiti_checkpoint(tmp_path):
+    ref = torch.load(REFERENCE / "piti_mask_base.pt")
+    path = tmp_path / "released.pt"
+    torch.save(ref["state_dict"], path)
+    model = nanopiti.load_model(path, config=None)
+    assert model.config["task"] == "mask" and not model.training
+    # a nanopiti checkpoint: config + model (+ ema, which is preferred)
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    ckpt = tmp_path / "nano.pt"
+    torch.save({"config": nanopiti.infer_config(ref["state_dict"], ref["config"]), "model": model.state_dict(),
+                "ema": ema}, ckpt)
+    loaded = nanopiti.load_model(ckpt)
+    torch.testing.assert_close(loaded.decoder.out[2].bias, ema["decoder.out.2.bias"])
+    raw = nanopiti.load_model(ckpt, use_ema=False)
+    torch.testing.assert_close(raw.decoder.out[2].bias, model.decoder.out[2].bias)
+
+
+def test_load_errors_are_one_clear_line(tmp_path):
+    with pytest.raises(ModelError, match="no such checkpoint"):
+        nanopiti.load_model(tmp_path / "missing.pt")
+    text = tmp_path / "notes.pt"
+    text.write_text("this is not a checkpoint")
+    with pytest.raises(ModelError, match="not a readable PyTorch checkpoint"):
+        nanopiti.load_model(text)
+    with pytest.raises(ModelError, match="not a GLIDE or PITI model"):
+        nanopiti.load_model({"conv.weight": torch.zeros(3, 3)})
+    sd = dict(torch.load(REFERENCE / "glide_text_base.pt")["state_dict"])
+    sd.pop("out.2.bias")
+    sd["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ModelError, match=r"missing: out\.2\.bias.*unexpected: extra\.weight"):
+        nanopiti.load_model(sd)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    config = dict(base_config("piti"), model_channels=32, channel_mult=[1, 2], attention_ds=[2], num_res_blocks=1,
+                  num_head_channels=16, encoder_layers=1, encoder_width=64, encoder_heads=2)
+    torch.manual_seed(0)
+    model = build_model(config).train()
+    for p in model.parameters():  # zero-initialised output convs would give zero gradients upstream
+        torch.nn.init.normal_(p, std=0.05)
+    x, t, ref = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 256, 256)
+
+    def grads(flag):
+        model.decoder.grad_checkpointing = flag
+        model.zero_grad()
+        model(x, t, ref=ref).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(grads(False), grads(True)):
+        torch.testing.assert_close(a, b)
