@@ -101,13 +101,14 @@ class ConditionCNN(nn.Module):
 class ConditionEncoder(nn.Module):
     """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm."""
 
-    def __init__(self, in_channels=3, width=512, layers=8, heads=8):
+    def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256):
         super().__init__()
         self.transformer = Transformer(width, layers, heads)
         self.cnn = ConditionCNN(in_channels, width)
         self.final_ln = LayerNorm(width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.positional_embedding = nn.Parameter(torch.randn(1, 256 + 1, width) * 0.01)
+        tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input
+        self.positional_embedding = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.01)
 
     def forward(self, ref):
         x = self.cnn(ref).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input

@@ -53,7 +53,8 @@ class PITI(nn.Module):
         super().__init__()
         unet = {k: config[k] for k in UNET_KEYS}
         width = config["encoder_width"]
-        self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"])
+        self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"],
+                                        config.get("cond_size", 256))
         self.decoder = UNet(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
                             encoder_channels=width, cond_dim=width, **unet)
         self.config = dict(config)
@@ -79,7 +80,25 @@ def base_config(kind="piti", super_res=False, task="mask"):
                       n_vocab=50257)
     else:
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=512, encoder_layers=8,
-                      encoder_heads=8)
+                      encoder_heads=8, cond_size=256)
+    return config
+
+
+def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
+    """The toy world's models: the same architecture, small enough to train on a laptop CPU.
+    A 32x32 base, a 32->64 upsampler, conditions at 128x128 (8x8 condition tokens), 64-wide
+    encoders; the text encoder and the task encoder share that width so that the decoder's
+    `transformer_proj` and `encoder_kv` carry over from pretraining to finetuning."""
+    config = dict(
+        kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
+        num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
+        dropout=0.0, use_scale_shift_norm=True, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+    if kind == "glide":
+        config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,
+                      n_vocab=n_vocab)
+    else:
+        config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=64, encoder_layers=2,
+                      encoder_heads=2, cond_size=128)
     return config
 
 
@@ -142,7 +161,8 @@ def infer_config(state_dict, hints=None):
             raise ModelError(f"PITI encoder takes {cond_channels} condition channels; known tasks take 3, 1 or 6")
         layers = count("encoder.transformer.resblocks.")
         config.update(task=task, cond_channels=cond_channels, encoder_width=state_dict["encoder.cls_token"].shape[-1],
-                      encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8))
+                      encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8),
+                      cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5))
     return config
 
 
