@@ -1,0 +1,430 @@
+"""
+Gaussian diffusion with a learned-range variance, as used by GLIDE and PITI.
+
+The forward (noising) process of the paper, section 3.1:
+
+    q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)          (eq. 1)
+    q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)             (eq. 2)
+
+(the paper writes alpha_t for the cumulative product abar_t = prod_i (1 - beta_i)).
+The network eps_theta(x_t, t) predicts the added noise and is trained with the
+simple loss ||eps_theta(x_t, t) - eps||^2 (eq. 3). Like GLIDE (and improved DDPM),
+the network has 6 output channels: 3 for epsilon and 3 "variance values" v in
+[-1, 1] that pick the reverse-step log variance between the two natural choices,
+
+    log sigma_t^2 = (v + 1) / 2 * log beta_t + (1 - v) / 2 * log beta~_t,
+
+where beta~_t is the variance of the true posterior q(x_{t-1} | x_t, x_0). The
+variance is trained by the variational bound ("hybrid" loss = MSE + VB).
+
+Sampling uses fewer steps than training ("respacing"): a subset of the 1000
+training timesteps is kept and the betas are recomputed so that the kept steps
+have the same abar. The network must still be told the ORIGINAL timestep,
+which is what `GaussianDiffusion.model_timesteps` does. Every sampling and loss
+method takes a plain callable `model_fn(x_t, t_model) -> B x 2C x H x W` and
+applies that timestep map itself.
+
+Numerics follow the original: schedules are float64 tensors, and a coefficient
+is gathered in float64 and only then cast to the dtype of x.
+"""
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+
+class DiffusionError(ValueError):
+    """A diffusion schedule, respacing or model output that cannot be used."""
+
+
+# -----------------------------------------------------------------------------
+# Beta schedules and respacing
+
+
+def get_named_beta_schedule(name, num_steps):
+    """Betas (float64 numpy array of length num_steps) of a named schedule.
+
+    "linear" is the DDPM schedule (used by the upsamplers), scaled so that any
+    number of steps spans the same noise levels as 1000 steps.
+    "squaredcos_cap_v2" is the cosine schedule of improved DDPM (base models):
+    abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2 for s in [0, 1], with each
+    beta capped at 0.999 to avoid the singularity at s = 1.
+    """
+    if name == "linear":
+        scale = 1000 / num_steps
+        return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
+    if name == "squaredcos_cap_v2":
+        def alpha_bar(s):
+            return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
+                 for i in range(num_steps)]
+        return np.array(betas, dtype=np.float64)
+    raise DiffusionError(f"unknown beta schedule {name!r}: use 'linear' or 'squaredcos_cap_v2'")
+
+
+def space_timesteps(num_timesteps, spec):
+    """Sorted list of the original timesteps kept by a respacing spec.
+
+    - "" keeps every step.
+    - "a,b,c": split [0, num_timesteps) into len(sections) equal parts and take
+      a, b, c evenly spaced steps (rounded) from each part. "250" = 250 steps.
+    - "ddimN": the integer stride from the DDIM paper giving exactly N steps.
+    - "fast27": GLIDE's upsampler schedule, "10,10,3,2,2" with the noisiest
+      step T-1 swapped for T-3 (GLIDE: this reduces artifacts from that step).
+    """
+    spec = spec.strip()
+    if spec == "":
+        return list(range(num_timesteps))
+    if spec.startswith("ddim"):
+        count = _parse_int(spec[len("ddim"):], spec)
+        for stride in range(1, num_timesteps):
+            if len(range(0, num_timesteps, stride)) == count:
+                return list(range(0, num_timesteps, stride))
+        raise DiffusionError(f"respacing {spec!r}: no integer stride gives {count} of {num_timesteps} steps")
+    if spec == "fast27":
+        steps = set(space_timesteps(num_timesteps, "10,10,3,2,2"))
+        steps.remove(num_timesteps - 1)
+        steps.add(num_timesteps - 3)
+        return sorted(steps)
+    sections = [_parse_int(part, spec) for part in spec.split(",")]
+    size_per, extra = divmod(num_timesteps, len(sections))
+    steps, start = [], 0
+    for i, count in enumerate(sections):
+        size = size_per + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise DiffusionError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
+        stride = (size - 1) / (count - 1) if count > 1 else 1
+        # Accumulate the float position exactly like the original does, so that
+        # round() breaks ties on the same side and the kept steps are identical.
+        pos = 0.0
+        for _ in range(count):
+            steps.append(start + round(pos))
+            pos += stride
+        start += size
+    return sorted(set(steps))
+
+
+def _parse_int(text, spec):
+    try:
+        return int(text)
+    except ValueError:
+        raise DiffusionError(
+            f"bad respacing {spec!r}: use '' (all steps), counts like '250' or '10,10,3,2,2', 'ddimN' or 'fast27'"
+        ) from None
+
+
+# -----------------------------------------------------------------------------
+# Likelihood helpers for the variational bound (in nats; the loss converts to bits)
+
+
+def mean_flat(x):
+    """Mean over every dimension except the batch one."""
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    # The tanh approximation of Phi used by the original code (kept for exactness).
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) of 8-bit images x in [-1, 1] under N(means, e^(2 log_scales)).
+
+    Each pixel value owns a bin of width 2/255; the two extreme values own the
+    whole tails so that the probabilities sum to one.
+    """
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+# -----------------------------------------------------------------------------
+# The diffusion process
+
+
+def _randn(shape, device, generator):
+    """Standard normal noise; drawn on the generator's device when one is given."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+class GaussianDiffusion:
+    """Training and sampling utilities for one (possibly respaced) schedule.
+
+    :param betas: the betas of the ORIGINAL schedule (e.g. 1000 of them).
+    :param respacing: which original timesteps to keep (see space_timesteps).
+
+    Timesteps `t` passed to the methods are indices 0..num_timesteps-1 into the
+    respaced schedule; `model_timesteps(t)` is what the network receives.
+    """
+
+    def __init__(self, betas, respacing=""):
+        base_betas = torch.as_tensor(np.asarray(betas, dtype=np.float64))
+        if base_betas.ndim != 1 or not bool(((base_betas > 0) & (base_betas <= 1)).all()):
+            raise DiffusionError("betas must be a 1-D array of values in (0, 1]")
+        self.original_num_steps = len(base_betas)
+        kept = space_timesteps(self.original_num_steps, respacing)
+        if len(kept) < 2:
+            raise DiffusionError(f"respacing {respacing!r} keeps {len(kept)} step(s); at least 2 are needed")
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+
+        # New betas that give the kept steps exactly the original abar:
+        # 1 - beta'_k = abar(t_k) / abar(t_{k-1}).
+        base_abar = torch.cumprod(1.0 - base_betas, dim=0)[self.timestep_map]
+        betas = 1.0 - base_abar / torch.cat([torch.ones(1, dtype=torch.float64), base_abar[:-1]])
+        self.betas = betas
+        self.num_timesteps = len(betas)
+
+        alphas = 1.0 - betas
+        abar = torch.cumprod(alphas, dim=0)
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        self.alphas_cumprod = abar
+        self.alphas_cumprod_prev = abar_prev
+        self.sqrt_alphas_cumprod = abar.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / abar).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / abar - 1.0).sqrt()
+        self.log_betas = betas.log()
+
+        # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t).
+        self.posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        # beta~_0 = 0, so its log is replaced by log beta~_1 (the "clipped" log).
+        self.posterior_log_variance_clipped = torch.cat(
+            [self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
+        self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
+        self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
+
+    # --- small helpers --------------------------------------------------------
+
+    @staticmethod
+    def _extract(arr, t, x):
+        """arr[t] as x's dtype, shaped [B, 1, 1, ...] to broadcast against x."""
+        out = arr.to(t.device)[t].to(x.dtype)
+        return out.view(-1, *([1] * (x.ndim - 1)))
+
+    def model_timesteps(self, t):
+        """The timestep the network sees: the original step, on a 0..1000 scale."""
+        steps = self.timestep_map.to(t.device)[t]
+        return steps.float() * (1000.0 / self.original_num_steps)
+
+    def _split_output(self, model_output, x):
+        B, C = x.shape[:2]
+        if model_output.shape != (B, 2 * C, *x.shape[2:]):
+            raise DiffusionError(
+                f"model output has shape {tuple(model_output.shape)}, expected {(B, 2 * C, *x.shape[2:])} "
+                "(epsilon and learned-range variance values)")
+        return model_output.split(C, dim=1)
+
+    # --- forward process ------------------------------------------------------
+
+    def q_sample(self, x_start, t, noise=None, generator=None):
+        """Sample x_t ~ q(x_t | x_0) (eq. 2): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        if noise is None:
+            noise = _randn(x_start.shape, x_start.device, generator)
+        return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
+                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
+
+    def q_posterior_mean_variance(self, x_start, x_t, t):
+        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
+                + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
+        var = self._extract(self.posterior_variance, t, x_t)
+        log_var = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        return mean, var, log_var
+
+    def predict_xstart_from_eps(self, x_t, t, eps):
+        """Invert eq. 2: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
+
+    def predict_eps_from_xstart(self, x_t, t, pred_xstart):
+        return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
+                / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
+
+    # --- reverse process ------------------------------------------------------
+
+    def p_mean_variance(self, model, x_t, t, clip_denoised=True):
+        """The reverse step p(x_{t-1} | x_t) predicted by the network.
+
+        :param model: either a callable model_fn(x_t, t_model) or its output
+            (a B x 2C x H x W tensor) computed already.
+        :return: dict with mean, variance, log_variance, pred_xstart (clipped
+            to [-1, 1] when clip_denoised) and eps (the network's epsilon).
+        """
+        model_output = model(x_t, self.model_timesteps(t)) if callable(model) else model
+        eps, var_values = self._split_output(model_output, x_t)
+        # Learned range: v in [-1, 1] interpolates between the two log variances.
+        min_log = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        max_log = self._extract(self.log_betas, t, x_t)
+        frac = (var_values + 1) / 2
+        log_variance = frac * max_log + (1 - frac) * min_log
+
+        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
+                "pred_xstart": pred_xstart, "eps": eps}
+
+    def p_sample(self, model_fn, x_t, t, clip_denoised=True, generator=None):
+        """One ancestral (DDPM) step: x_{t-1} ~ N(mean, sigma_t^2), no noise at t = 0."""
+        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        noise = _randn(x_t.shape, x_t.device, generator)
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(self, model_fn, x_t, t, eta=0.0, clip_denoised=True, generator=None):
+        """One DDIM step (Song et al., eq. 12); eta = 0 is deterministic."""
+        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        # Re-derive epsilon from the (clipped) x_0 so that both stay consistent.
+        eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
+        abar = self._extract(self.alphas_cumprod, t, x_t)
+        abar_prev = self._extract(self.alphas_cumprod_prev, t, x_t)
+        sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+        mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+        if eta > 0:
+            mean = mean + nonzero * sigma * _randn(x_t.shape, x_t.device, generator)
+        return {"sample": mean, "pred_xstart": out["pred_xstart"]}
+
+    @torch.no_grad()
+    def p_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, clip_denoised=True,
+                      device=None, generator=None, progress=True):
+        """Ancestral sampling from x_T to x_0 over all (respaced) steps.
+
+        x_T = temperature * noise (fresh N(0, I) when noise is None). PITI and
+        GLIDE sample their upsamplers with temperature 0.997, applied to x_T only.
+        """
+        x = self._initial_noise(shape, noise, temperature, device, generator)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddpm", disable=not progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            x = self.p_sample(model_fn, x, t, clip_denoised, generator)["sample"]
+        return x
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, eta=0.0,
+                         clip_denoised=True, device=None, generator=None, progress=True):
+        """DDIM sampling from x_T to x_0; with eta = 0 the result is a function of x_T."""
+        x = self._initial_noise(shape, noise, temperature, device, generator)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddim", disable=not progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
+            x = self.ddim_sample(model_fn, x, t, eta, clip_denoised, generator)["sample"]
+        return x
+
+    @staticmethod
+    def _initial_noise(shape, noise, temperature, device, generator):
+        if noise is None:
+            noise = _randn(tuple(shape), device or "cpu", generator)
+        elif tuple(noise.shape) != tuple(shape):
+            raise DiffusionError(f"noise has shape {tuple(noise.shape)} but shape {tuple(shape)} was asked for")
+        return noise.to(device or noise.device) * temperature
+
+    # --- training -------------------------------------------------------------
+
+    def sample_timesteps(self, batch, device, generator=None):
+        """Uniform random timesteps in [0, num_timesteps)."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
+
+    def _vb_terms_bpd(self, model_output, x_start, x_t, t):
+        """One term of the variational bound, in bits per dimension, per sample.
+
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the decoder
+        NLL -log p(x_0 | x_1) for t = 0.
+        """
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
+        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        nll = -discretized_gaussian_log_likelihood(
+            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        nll = mean_flat(nll) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model_fn, x_start, t, noise=None, generator=None):
+        """The hybrid loss of improved DDPM / GLIDE / PITI for one batch.
+
+        :return: dict of per-sample tensors:
+            - "mse": ||eps - eps_theta(x_t, t)||^2 averaged over pixels (eq. 3);
+            - "vb": the variational-bound term, with the epsilon output detached
+              so that it only trains the variance, scaled by num_timesteps / 1000
+              (RESCALED_MSE: without it the VB term would swamp the MSE term);
+            - "loss": mse + vb;
+            - "pred_xstart": x_0 predicted from the live epsilon, clipped to
+              [-1, 1], with gradients (PITI feeds it to its perceptual and
+              adversarial losses, eqs. 4-5);
+            - "x_t": the noised input.
+        """
+        if noise is None:
+            noise = _randn(x_start.shape, x_start.device, generator)
+        x_t = self.q_sample(x_start, t, noise)
+        model_output = model_fn(x_t, self.model_timesteps(t))
+        eps, var_values = self._split_output(model_output, x_t)
+
+        frozen = torch.cat([eps.detach(), var_values], dim=1)
+        vb = self._vb_terms_bpd(frozen, x_start, x_t, t) * (self.num_timesteps / 1000.0)
+        mse = mean_flat((noise - eps) ** 2)
+        pred_xstart = self.predict_xstart_from_eps(x_t, t, eps).clamp(-1, 1)
+        return {"mse": mse, "vb": vb, "loss": mse + vb, "pred_xstart": pred_xstart, "x_t": x_t}
+
+
+# -----------------------------------------------------------------------------
+# Loss-aware timestep sampling (improved DDPM, "loss-second-moment")
+
+
+class LossAwareSampler:
+    """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]).
+
+    Until every timestep has `history_per_term` recorded losses the sampling is
+    uniform. The returned weights 1 / (T p_t) keep the loss estimate unbiased.
+    With several processes, call `update` with the losses gathered from all.
+    """
+
+    def __init__(self, num_timesteps, history_per_term=10, uniform_prob=0.001):
+        self.num_timesteps = num_timesteps
+        self.history_per_term = history_per_term
+        self.uniform_prob = uniform_prob
+        self._history = np.zeros((num_timesteps, history_per_term), dtype=np.float64)
+        self._counts = np.zeros(num_timesteps, dtype=np.int64)
+
+    def weights(self):
+        """Unnormalised sampling weights, one per timestep (float64 numpy)."""
+        if not (self._counts == self.history_per_term).all():
+            return np.ones(self.num_timesteps, dtype=np.float64)
+        w = np.sqrt(np.mean(self._history ** 2, axis=-1))
+        w /= w.sum()
+        # A floor keeps every timestep reachable, so no weight 1/(T p) explodes.
+        return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
+
+    def sample(self, batch, device, generator=None):
+        """(timesteps, importance weights), both of length batch."""
+        w = self.weights()
+        p = torch.from_numpy(w / w.sum())
+        gen_device = generator.device if generator is not None else "cpu"
+        t = torch.multinomial(p.to(gen_device), batch, replacement=True, generator=generator).cpu()
+        weights = 1.0 / (self.num_timesteps * p[t])
+        return t.to(device), weights.float().to(device)
+
+    def update(self, ts, losses):
+        """Record per-sample losses (any sequence or tensor) for their timesteps."""
+        for t, loss in zip(torch.as_tensor(ts).tolist(), torch.as_tensor(losses).tolist()):
+            if self._counts[t] == self.history_per_term:
+                self._history[t, :-1] = self._history[t, 1:]  # drop the oldest loss
+                self._history[t, -1] = loss
+            else:
+                self._history[t, self._counts[t]] = loss
+                self._counts[t] += 1

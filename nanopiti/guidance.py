@@ -1,0 +1,114 @@
+"""
+Classifier-free guidance (CF) and PITI's normalized classifier-free guidance (NCF).
+
+Paper section 3.4. The network is run with the condition y and with a null
+condition (PITI: an all-ones label map `ref`; GLIDE: empty text), giving
+eps_cond = eps(x_t | y) and eps_uncond = eps(x_t | null). Their difference
+estimates the gradient of log p(y | x_t) (eq. 6). CF pushes away from the
+unconditional prediction (eq. 7):
+
+    eps_hat = eps_cond + w * (eps_cond - eps_uncond),      w >= 0.
+
+This shifts the mean and inflates the variance of the predicted noise, and
+the shift accumulates over the sampling steps (washed-out, over-saturated
+images). NCF renormalizes eps_hat back to the statistics (mu, sigma) of
+eps_cond (eq. 8):
+
+    eps_tilde = sigma / sigma_hat * (eps_hat - mu_hat) + mu,
+
+with mu, sigma (mu_hat, sigma_hat) the mean and standard deviation of eps_cond
+(eps_hat) over all of one sample's C x H x W values. Whether the std is
+biased or unbiased does not matter: only the ratio sigma / sigma_hat enters,
+and both use the same count.
+
+Convention for w: the paper's w (w = 0 is the plain conditional model). The
+released PITI code writes uncond + s * (cond - uncond) with s = `sample_c` /
+`guidance_scale`, which is the same thing with s = 1 + w (its default s = 1
+means no guidance).
+"""
+
+import torch
+
+GUIDANCE_KINDS = ("cf", "ncf", "none")
+
+
+class GuidanceError(ValueError):
+    """Guidance settings or conditions that cannot be used."""
+
+
+def _check_kind(kind):
+    if kind not in GUIDANCE_KINDS:
+        raise GuidanceError(f"unknown guidance kind {kind!r}: use one of {', '.join(GUIDANCE_KINDS)}")
+
+
+def guided_eps(eps_cond, eps_uncond, w, kind="ncf"):
+    """Combine conditional and unconditional noise predictions.
+
+    :param eps_cond, eps_uncond: B x C x H x W epsilon predictions.
+    :param w: guidance strength (paper convention, w = 0: no guidance).
+    :param kind: "cf" (eq. 7), "ncf" (eq. 7 then eq. 8) or "none" (eps_cond).
+    """
+    _check_kind(kind)
+    if kind == "none":
+        return eps_cond
+    eps_hat = eps_cond + w * (eps_cond - eps_uncond)
+    if kind == "cf":
+        return eps_hat
+    dims = tuple(range(1, eps_cond.ndim))  # per sample: over C, H, W
+    mu, sigma = eps_cond.mean(dims, keepdim=True), eps_cond.std(dims, keepdim=True)
+    mu_hat, sigma_hat = eps_hat.mean(dims, keepdim=True), eps_hat.std(dims, keepdim=True)
+    return sigma / sigma_hat * (eps_hat - mu_hat) + mu
+
+
+def batch_condition_kwargs(cond_kwargs, null_kwargs):
+    """Keyword arguments for one forward pass over [cond batch; null batch].
+
+    Every tensor in cond_kwargs is concatenated along the batch with the tensor
+    of the same name in null_kwargs (PITI: ref and ones_like(ref); GLIDE:
+    tokens/mask and the empty-text tokens/mask). A tensor that has no null
+    counterpart, like the upsampler's `low_res`, is shared by both halves and
+    so is concatenated with itself. Non-tensor values are passed through.
+    """
+    unknown = set(null_kwargs) - set(cond_kwargs)
+    if unknown:
+        raise GuidanceError(f"null condition has keys {sorted(unknown)} that the condition lacks")
+    batched = {}
+    for name, value in cond_kwargs.items():
+        if not torch.is_tensor(value):
+            batched[name] = value
+            continue
+        null = null_kwargs.get(name, value)
+        if not torch.is_tensor(null) or null.shape != value.shape:
+            raise GuidanceError(
+                f"null condition {name!r} must be a tensor of shape {tuple(value.shape)} like the condition")
+        batched[name] = torch.cat([value, null.to(value.device, value.dtype)], dim=0)
+    return batched
+
+
+def make_guided_model_fn(model_call, cond_kwargs, null_kwargs, w, kind="ncf"):
+    """Wrap a conditional network as model_fn(x_t, t) -> B x 2C x H x W for the diffusion.
+
+    Both branches run in ONE batched forward of size 2B. Guidance is applied to
+    the epsilon channels only; the learned variance channels are taken from the
+    conditional branch. With kind "none" only the conditional branch is run.
+
+    :param model_call: callable model(x_t, t, **kwargs) -> B x 2C x H x W,
+        e.g. a PITI model (kwargs ref, low_res) or a GLIDE text model
+        (kwargs tokens, mask, low_res).
+    :param cond_kwargs: the condition for a batch of B.
+    :param null_kwargs: the null condition, same names and shapes (missing
+        names are shared, see batch_condition_kwargs).
+    """
+    _check_kind(kind)
+    if kind == "none":
+        return lambda x_t, t: model_call(x_t, t, **cond_kwargs)
+    batched = batch_condition_kwargs(cond_kwargs, null_kwargs)
+
+    def model_fn(x_t, t):
+        out = model_call(torch.cat([x_t, x_t]), torch.cat([t, t]), **batched)
+        cond, uncond = out.split(len(x_t), dim=0)
+        channels = x_t.shape[1]
+        eps = guided_eps(cond[:, :channels], uncond[:, :channels], w, kind)
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+    return model_fn
