@@ -1,0 +1,116 @@
+"""The label color map that turns class-index masks into the RGB pictures PITI's encoder reads.
+
+PITI's mask models never see class indices: the condition is a *color-coded* label map, an
+ordinary RGB image in which every class has a fixed color. The released COCO-Stuff checkpoints
+were trained on maps colored by PITI's `preprocess/preprocess_mask.py`, whose `labelcolormap`
+is the bit-interleaving color map of PASCAL VOC shifted by one ("let's give 0 a color"):
+class value v gets the VOC color of index v + 1. The VOC rule spreads the bits of the index over
+the three channels, most significant bit first:
+
+    for j in 0..6:  R |= bit(3j)   of id << (7 - j)
+                    G |= bit(3j+1) of id << (7 - j)
+                    B |= bit(3j+2) of id << (7 - j)
+
+so neighbouring class indices get very different colors. Class 0 (COCO "person") is (128, 0, 0).
+Pixels whose value has no entry (COCO-Stuff's 255, "unlabeled") stay black, which is also how
+PITI's `Colorize` leaves them.
+
+nanopiti uses the same map for ADE20K (class values 0..150, where 0 is ADE's "other"), so one
+palette serves both datasets; `tests/test_data.py` checks it against the reference JSON.
+"""
+
+import numpy as np
+
+NUM_COCO_CLASSES = 182  # COCO-Stuff: 0..181 (things and stuff), 255 = unlabeled
+NUM_ADE20K_CLASSES = 151  # ADE20K challenge: 0..150, 0 = "other"
+UNLABELED = 255
+
+
+def label_colormap(n):
+    """The (n, 3) uint8 color table: row v is the RGB color of class value v.
+
+    Each of the 7 rounds moves the three lowest bits of the index into the next most
+    significant bit of R, G and B, so any two indices below 2**21 get different colors.
+    """
+    ids = np.arange(1, n + 1)  # "+1": PITI gives class 0 a color instead of black
+    cmap = np.zeros((n, 3), dtype=np.int64)
+    for j in range(7):
+        for channel in range(3):
+            cmap[:, channel] |= ((ids >> channel) & 1) << (7 - j)
+        ids = ids >> 3
+    return cmap.astype(np.uint8)
+
+
+PALETTES = {
+    "coco": label_colormap(NUM_COCO_CLASSES),
+    "ade20k": label_colormap(NUM_ADE20K_CLASSES),
+}
+
+
+def get_palette(palette):
+    """Look up a palette by name ('coco' or 'ade20k'), or pass an (n, 3) table through."""
+    if isinstance(palette, str):
+        if palette not in PALETTES:
+            raise ValueError(f"unknown palette {palette!r}; expected one of {sorted(PALETTES)}")
+        return PALETTES[palette]
+    return np.asarray(palette, dtype=np.uint8)
+
+
+def labels_to_color(label, palette="coco"):
+    """Class-index map (H, W) -> color-coded label map (H, W, 3) uint8.
+
+    Value 255 (unlabeled) becomes black. Any other value without a palette entry is an error,
+    not a silent black hole: it means the mask belongs to another dataset.
+    """
+    table = get_palette(palette)
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"a label map must be 2-D (H, W), got shape {label.shape}")
+    label = label.astype(np.int64)
+    bad = (label >= len(table)) & (label != UNLABELED) | (label < 0)
+    if bad.any():
+        raise ValueError(
+            f"label values {sorted(set(np.unique(label[bad]).tolist()))[:5]} are outside the "
+            f"palette's 0..{len(table) - 1} (and 255 = unlabeled)")
+    # one extra black row at the end absorbs the unlabeled pixels in a single gather
+    lut = np.concatenate([table, np.zeros((1, 3), np.uint8)])
+    return lut[np.where(label == UNLABELED, len(table), label)]
+
+
+def _pack(rgb):
+    """(..., 3) uint8 -> (...,) int, one integer per color, so colors compare as numbers."""
+    rgb = np.asarray(rgb, dtype=np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def in_palette(color, palette="coco"):
+    """(H, W, 3) colors -> (H, W) bool: True where the color is a palette color or black."""
+    keys = np.append(_pack(get_palette(palette)), 0)
+    return np.isin(_pack(color), keys)
+
+
+def color_to_labels(color, palette="coco"):
+    """Color-coded label map (H, W, 3) -> class-index map (H, W) uint8; black -> 255.
+
+    The exact inverse of `labels_to_color`. A color that is not in the palette raises
+    ValueError (e.g. a map that was resized with bilinear interpolation, which mixes colors).
+    """
+    table = get_palette(palette)
+    color = np.asarray(color)
+    if color.ndim != 3 or color.shape[2] != 3:
+        raise ValueError(f"a color label map must be (H, W, 3), got shape {color.shape}")
+    keys = _pack(table)
+    order = np.argsort(keys)
+    sorted_keys = keys[order]
+    packed = _pack(color)
+    pos = np.clip(np.searchsorted(sorted_keys, packed), 0, len(keys) - 1)
+    found = sorted_keys[pos] == packed
+    black = packed == 0
+    unknown = ~found & ~black
+    if unknown.any():
+        n = int(unknown.sum())
+        example = tuple(int(c) for c in color[unknown][0])
+        raise ValueError(
+            f"{n} pixels have colors that are not in the palette (first: {example}); "
+            "was the map resized with a smoothing filter instead of nearest?")
+    return np.where(black, UNLABELED, order[pos]).astype(np.uint8)

@@ -1,0 +1,400 @@
+"""Training pairs for PITI: an image and its condition, both ready for the model.
+
+Every sample is a dict:
+
+    image    3 x R x R float in [-1, 1]     R = 64 for the base model, 256 for the upsampler
+    cond     C x 256 x 256 float in [-1, 1] C = 3 (mask), 1 (sketch), 6 (depth + normal)
+    low_res  3 x 64 x 64 float in [-1, 1]   upsampler only: the degraded input (nanopiti.degrade)
+    caption  str                            when the list file (or the toy world) has one
+    path     str                            the image file, for logging and evaluation
+
+The conditions are encoded as in the PITI release (nanopiti.conditions): a color-coded label
+map (mask), the distance field of a binary sketch (sketch), PITI's normal and depth pictures
+(depth). Condition pictures are always resized with nearest neighbour, so that no new colors
+or values appear.
+
+Geometry: the shorter side is resized to 256 (bicubic for the image, nearest for the condition),
+a 256 x 256 window is cropped (random or centered) and flipped with probability 1/2, identically
+for image and condition; the image is then resized to R. (PITI's own loader squashes the whole
+picture to 256 x 256 instead of cropping; we keep the aspect ratio.)
+
+Augmentation randomness comes from numpy's generator seeded with (seed, epoch, index), so a
+sample is the same in every worker process and in every DistributedSampler shard; call
+`set_epoch` before each epoch. Samples that cannot be read are skipped: the next index in order
+is used instead, the file is reported once by a warning and counted in `report()`.
+"""
+
+import os
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .colormap import in_palette, labels_to_color
+from .conditions import (COND_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
+                         normals_from_depth, sketch_to_condition)
+
+
+class DataError(Exception):
+    """A data file that cannot be used: unreadable, wrong size, wrong channels, missing.
+
+    `reason` is a short category for the skip report ("unreadable", "size mismatch", ...).
+    """
+
+    def __init__(self, message, reason="unreadable"):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------
+
+def open_image(path):
+    """Open and fully decode an image, turning every PIL/OS failure into a one-line DataError."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.copy()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file", reason="missing file") from None
+    except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
+        raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+
+def label_image_to_color(img, palette="coco"):
+    """A label map in any common form -> HxWx3 uint8 color-coded map.
+
+    RGB(A): already color-coded, used as is (alpha dropped). Single channel (L, I, I;16): class
+    indices, colored with `palette`. Palette PNG: if its embedded colors are the PITI colors, it
+    is a color-coded map saved with a palette; otherwise its indices are the classes.
+    """
+    if img.mode in ("RGB", "RGBA"):
+        return np.asarray(img.convert("RGB"))
+    if img.mode in ("L", "I", "I;16", "P"):
+        if img.mode == "P":
+            rgb = np.asarray(img.convert("RGB"))
+            if in_palette(rgb, palette).all():
+                return rgb
+            # otherwise the embedded palette is someone else's: its indices are the classes
+        try:
+            return labels_to_color(np.asarray(img), palette)
+        except ValueError as e:
+            raise DataError(f"label map: {e}", reason="bad labels") from None
+    raise DataError(f"label map has mode {img.mode}; expected an RGB color-coded map or "
+                    "single-channel class indices", reason="wrong channels")
+
+
+def read_list(list_file):
+    """Parse a list file: one pair per line, "image<TAB>condition[<TAB>caption]", paths
+    relative to the list file; a condition made of several files lists them comma-separated
+    (depth: "normal.png,depth.png"). Returns [(image, [conditions], caption or None, line)]."""
+    if not os.path.isfile(list_file):
+        raise DataError(f"list file {list_file} not found; create it with prepare_data.py")
+    base = os.path.dirname(os.path.abspath(list_file))
+    entries = []
+    with open(list_file, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            image = os.path.join(base, cols[0])
+            conds = [os.path.join(base, c) for c in cols[1].split(",")] if len(cols) > 1 and cols[1] else []
+            caption = cols[2] if len(cols) > 2 else None
+            entries.append((image, conds, caption, number))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry shared by the datasets
+# ---------------------------------------------------------------------------------------------
+
+def shorter_side_size(w, h, size):
+    """(w, h) -> the size whose shorter side is `size` (longer side truncated, as PITI does)."""
+    return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+
+
+def _resize(arr, size, resample):
+    if (arr.shape[1], arr.shape[0]) == size:
+        return arr
+    return np.asarray(Image.fromarray(arr).resize(size, resample))
+
+
+def _to_unit(arr):
+    """HxWxC (or HxW) uint8 -> CxHxW float32 numpy array in [-1, 1].
+
+    The data path stays in numpy until the end: torch's multi-threaded elementwise ops cost more
+    than they save on arrays this small, and DataLoader workers run single-threaded anyway.
+    """
+    x = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0
+    return np.ascontiguousarray(x[None] if x.ndim == 2 else x.transpose(2, 0, 1))
+
+
+def _to_tensor(arr):
+    return torch.from_numpy(_to_unit(arr))
+
+
+class _PairTransform:
+    """Resize / crop / flip an image and its condition arrays together, then encode them."""
+
+    def __init__(self, task, resolution, cond_size, uncond_p, random_flip, random_crop,
+                 upsampler, low_res):
+        if task not in COND_CHANNELS:
+            raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+        self.task, self.resolution, self.cond_size = task, resolution, cond_size
+        self.uncond_p, self.random_flip, self.random_crop = uncond_p, random_flip, random_crop
+        self.upsampler, self.low_res = upsampler, low_res
+
+    def __call__(self, image, conds, rng):
+        """image HxWx3 uint8, conds: list of HxW or HxWx3 uint8 arrays of the same H, W."""
+        s = self.cond_size
+        size = shorter_side_size(image.shape[1], image.shape[0], s)
+        image = _resize(image, size, Image.BICUBIC)
+        conds = [_resize(c, size, Image.NEAREST) for c in conds]
+        w, h = size
+        if self.random_crop:
+            x0, y0 = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        else:
+            x0, y0 = (w - s) // 2, (h - s) // 2
+        flip = self.random_flip and rng.random() < 0.5
+
+        def window(a):
+            a = a[y0:y0 + s, x0:x0 + s]
+            return a[:, ::-1] if flip else a
+
+        image, conds = window(image), [window(c) for c in conds]
+        if self.task == "sketch":
+            cond = distance_field(binarize_sketch(conds[0]))
+        else:
+            cond = np.concatenate([_to_unit(c) for c in conds], axis=0)
+        if self.uncond_p > 0 and rng.random() < self.uncond_p:
+            cond = np.ones_like(cond)  # the null condition of classifier-free guidance
+
+        r = self.resolution
+        image_r = _resize(np.ascontiguousarray(image), (r, r), Image.BICUBIC)
+        sample = {"image": _to_tensor(image_r), "cond": torch.from_numpy(cond)}
+        if self.upsampler:
+            from .degrade import degrade_for_upsampler
+            low = degrade_for_upsampler(image_r, r // self.low_res, rng)  # float in [0, 1]
+            low = np.ascontiguousarray(low.transpose(2, 0, 1) * 2.0 - 1.0, dtype=np.float32)
+            sample["low_res"] = torch.from_numpy(low)
+        return sample
+
+
+def _rng(seed, epoch, index):
+    return np.random.default_rng([seed, epoch, index])
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Pairs from a list file written by prepare_data.py (see `read_list` for the format).
+
+    task: 'mask' | 'sketch' | 'depth'. resolution: side of `image` (64 base, 256 upsampler).
+    cond_size: side of `cond` (256 for PITI's encoder). uncond_p: probability of the null
+    condition. random_crop=False takes the center window. upsampler: add `low_res`, the image
+    degraded by nanopiti.degrade to resolution / (resolution // low_res). palette: colors for
+    label maps stored as class indices ('coco' or 'ade20k').
+
+    Lines whose files are missing are dropped when the dataset is built; files that turn out
+    unreadable, of the wrong size or with the wrong channels are dropped when first read. Both
+    are counted in `skipped` and summed up by `report()`. (A DataLoader worker process has its
+    own copy of the dataset: what it finds is reported by its warnings, not in the main copy.)
+    """
+
+    def __init__(self, list_file, task, resolution=64, cond_size=256, uncond_p=0.0,
+                 random_flip=True, random_crop=True, upsampler=False, low_res=64, seed=0,
+                 palette="coco", max_substitutions=16):
+        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
+                                        random_crop, upsampler, low_res)
+        self.list_file, self.task, self.palette = list_file, task, palette
+        self.seed, self.epoch, self.max_substitutions = seed, 0, max_substitutions
+        self.skipped = defaultdict(list)  # reason -> [path, ...]
+        self._bad = set()
+        n_conds = 2 if task == "depth" else 1
+        self.entries = []
+        for image, conds, caption, number in read_list(list_file):
+            if len(conds) != n_conds:
+                self.skipped["malformed line"].append(f"{list_file}:{number}")
+            elif not all(os.path.isfile(p) for p in [image] + conds):
+                missing = next(p for p in [image] + conds if not os.path.isfile(p))
+                self.skipped["missing file"].append(missing)
+            else:
+                self.entries.append((image, conds, caption))
+        if not self.entries:
+            raise DataError(f"{list_file}: no usable pairs ({self.report()})")
+        if self.skipped:
+            warnings.warn(self.report())
+
+    def __len__(self):
+        return len(self.entries)
+
+    def set_epoch(self, epoch):
+        """Select the augmentation of this epoch (call it where you call sampler.set_epoch)."""
+        self.epoch = epoch
+
+    def load_pair(self, index):
+        """Read entry `index` as uint8 arrays (image, [conditions]); DataError when unusable."""
+        image_path, cond_paths, _ = self.entries[index]
+        image = np.asarray(open_image(image_path).convert("RGB"))
+        conds = []
+        for p in cond_paths:
+            img = open_image(p)
+            if self.task == "mask":
+                conds.append(label_image_to_color(img, self.palette))
+            elif self.task == "sketch":
+                conds.append(np.asarray(img.convert("L")))
+            elif img.mode in ("RGB", "RGBA"):
+                conds.append(np.asarray(img.convert("RGB")))
+            else:
+                raise DataError(f"{p}: depth/normal pictures must be RGB, got mode {img.mode}",
+                                reason="wrong channels")
+            if conds[-1].shape[:2] != image.shape[:2]:
+                raise DataError(f"{p}: size {conds[-1].shape[1]}x{conds[-1].shape[0]} differs from "
+                                f"its image {image_path} ({image.shape[1]}x{image.shape[0]})",
+                                reason="size mismatch")
+        return image, conds
+
+    def __getitem__(self, index):
+        for k in range(self.max_substitutions):
+            j = (index + k) % len(self.entries)
+            if j in self._bad:
+                continue
+            try:
+                image, conds = self.load_pair(j)
+            except DataError as e:
+                self._bad.add(j)
+                self.skipped[e.reason].append(self.entries[j][0])
+                warnings.warn(f"skipping pair {j}: {e}")
+                continue
+            sample = self.transform(image, conds, _rng(self.seed, self.epoch, j))
+            sample["path"] = self.entries[j][0]
+            if self.entries[j][2] is not None:
+                sample["caption"] = self.entries[j][2]
+            return sample
+        return None  # only if max_substitutions bad pairs in a row; collate_skip_none drops it
+
+    def report(self):
+        """One line: how many pairs are used and which were skipped, and why."""
+        n_skipped = sum(len(v) for v in self.skipped.values())
+        if not n_skipped:
+            return f"{self.list_file}: {len(self.entries)} pairs, none skipped"
+        reasons = ", ".join(f"{k}: {len(v)} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
+        return f"{self.list_file}: {len(self.entries) - len(self._bad)} usable pairs, {n_skipped} skipped ({reasons})"
+
+
+class ToyDataset(torch.utils.data.Dataset):
+    """Scenes of nanopiti's procedural toy world, rendered on the fly (no files needed).
+
+    Scene i has layout seed `first_scene + i`: the layout (what is where) is fixed, so label
+    maps, sketches and depth stay the same across epochs. With `vary_appearance`, the colors and
+    textures are re-drawn every epoch from (seed, epoch, i), so one layout maps to many images,
+    as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
+    """
+
+    def __init__(self, num_scenes, task, resolution=64, cond_size=256, uncond_p=0.0,
+                 random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
+                 vary_appearance=True):
+        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
+                                        False, upsampler, low_res)
+        self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
+        self.seed, self.epoch, self.first_scene = seed, 0, first_scene
+        self.vary_appearance = vary_appearance
+
+    def __len__(self):
+        return self.num_scenes
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        from .toy import render_scene
+        rng = _rng(self.seed, self.epoch, index)
+        appearance = int(rng.integers(2**31)) if self.vary_appearance else None
+        scene = render_scene(self.first_scene + index, self.cond_size, appearance_seed=appearance)
+        image, conds = scene_condition_arrays(scene, self.task)
+        sample = self.transform(image, conds, rng)
+        sample["caption"] = scene.caption
+        sample["path"] = f"toy:{self.first_scene + index}"
+        return sample
+
+
+def scene_condition_arrays(scene, task):
+    """A toy scene (nanopiti.toy.ToyScene) -> (image, [condition arrays]) in the encodings that
+    prepare_data.py stores: color label map; sketch 255/0; normals and depth as PITI's RGB
+    pictures, with the toy camera's focal length (the image height) and every pixel valid."""
+    if task == "mask":
+        conds = [labels_to_color(scene.label)]
+    elif task == "sketch":
+        conds = [np.where(scene.sketch > 0, 255, 0).astype(np.uint8)]
+    else:
+        depth = scene.depth
+        conds = [encode_normal(normals_from_depth(depth, focal=depth.shape[0])),
+                 encode_depth(depth, np.ones_like(depth))]
+    return scene.image, conds
+
+
+def collate_skip_none(batch):
+    """DataLoader collate that drops the (rare) None samples instead of crashing the epoch."""
+    batch = [b for b in batch if b is not None]
+    return torch.utils.data.default_collate(batch) if batch else None
+
+
+# ---------------------------------------------------------------------------------------------
+# One condition from a user's file (sample.py)
+# ---------------------------------------------------------------------------------------------
+
+def load_condition_image(path, task, palette=None, size=256):
+    """A condition picture of any size -> C x size x size float tensor in [-1, 1].
+
+    mask: RGB color-coded map, palette PNG or single-channel class-index map (colored with
+    `palette`, 'coco' by default; the COCO and ADE20K colors agree on 0..150), squashed to
+    size x size with nearest neighbour as PITI's inference does. sketch: any picture of lines,
+    binarized (either polarity) and turned into the distance field. depth: "normal.png,depth.png"
+    or a "*_depth.png" next to its "*_normal.png". Raises DataError with a one-line message.
+    """
+    if task not in COND_CHANNELS:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+    if task == "depth":
+        paths = path.split(",")
+        if len(paths) == 1:
+            if not path.endswith("_depth.png"):
+                raise DataError(f"{path}: a depth condition is 'normal.png,depth.png' or a *_depth.png "
+                                "file next to its *_normal.png")
+            paths = [path[: -len("_depth.png")] + "_normal.png", path]
+        arrays = []
+        for p in paths:
+            img = open_image(p)
+            if img.mode not in ("RGB", "RGBA"):
+                raise DataError(f"{p}: depth and normal pictures must be RGB, got mode {img.mode}")
+            arrays.append(_to_unit(np.asarray(img.convert("RGB").resize((size, size), Image.NEAREST))))
+        return torch.from_numpy(np.concatenate(arrays, axis=0))
+    img = open_image(path)
+    if task == "sketch":
+        if img.mode not in ("1", "L", "P", "RGB", "RGBA", "LA"):
+            raise DataError(f"{path}: cannot read a sketch from mode {img.mode}")
+        gray = img.convert("L").resize((size, size), Image.NEAREST)
+        return sketch_to_condition(binarize_sketch(gray))
+    palette = palette or "coco"
+    if img.mode in ("RGB", "RGBA", "P"):
+        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette)
+        _warn_off_palette(path, color, palette)
+    elif img.mode in ("L", "I", "I;16"):
+        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette)
+    else:
+        raise DataError(f"{path}: a label map must be RGB (color-coded) or single-channel class "
+                        f"indices, got mode {img.mode} ({len(img.getbands())} channels)")
+    return _to_tensor(color)
+
+
+def _warn_off_palette(path, color, palette):
+    """Colors outside the palette mean an antialiased or foreign map: usable, but say so."""
+    off = ~in_palette(color, palette)
+    if off.any():
+        warnings.warn(f"{path}: {off.mean():.1%} of pixels have colors outside the {palette} "
+                      "label palette; the model only knows the palette colors")

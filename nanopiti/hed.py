@@ -1,0 +1,191 @@
+"""Edge maps for sketch-to-image: the HED network, and a weight-free fallback.
+
+PITI's sketch task (paper Sec. 4.1) "extract[s] sketches of images via HED and then binarize[s]
+extracted sketches". HED (Xie & Tu, "Holistically-Nested Edge Detection", 2015) is VGG16 cut
+after conv5_3, with a 1x1 "score" convolution on the last feature map of each of its 5 stages
+(side outputs at strides 1, 2, 4, 8, 16), every side output upsampled bilinearly to the input
+size, and a 1x1 convolution that fuses the 5 maps into one edge probability.
+
+The weights PITI used are the Caffe BSDS500 model converted to PyTorch by sniklaus/pytorch-hed
+("network-bsds500.pytorch"). Its keys are `moduleVggOne.0.weight`, ..., `moduleScoreOne.weight`,
+..., `moduleCombine.0.weight` (newer copies say `net` instead of `module`); `load_hed` maps them
+onto the modules below, whose Sequential indices follow the same order (pool first, then
+conv/ReLU pairs) so that only the prefixes change. The network takes a BGR image in 0..255 with
+the Caffe VGG mean subtracted; PITI binarizes its output at 0.6.
+
+Without the weights file, `canny_edges` (Sobel gradients, non-maximum suppression, hysteresis)
+gives thin binary edges with no learned notion of object boundaries. That is fine for nanopiti's
+own experiments but not what PITI's released sketch checkpoints were trained on.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+HED_THRESHOLD = 0.6  # PITI's preprocess_sketch.py: sketch = (hed > 0.6)
+# the Caffe VGG training-set mean, in BGR order, as in the converted weights
+BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
+_STAGE_NAMES = ("One", "Two", "Thr", "Fou", "Fiv")
+
+
+class HEDError(Exception):
+    """A HED weights file that cannot be read or does not fit the network."""
+
+
+def _vgg_stage(c_in, c_out, n_convs, pool):
+    layers = [nn.MaxPool2d(kernel_size=2, stride=2)] if pool else []
+    for i in range(n_convs):
+        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class HED(nn.Module):
+    """VGG16 trunk + 5 side outputs + learned fusion; returns edge probabilities in [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        widths = [(3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3)]
+        self.stages = nn.ModuleList(
+            _vgg_stage(c_in, c_out, n, pool=i > 0) for i, (c_in, c_out, n) in enumerate(widths))
+        self.scores = nn.ModuleList(nn.Conv2d(c_out, 1, 1) for _, c_out, _ in widths)
+        self.combine = nn.Conv2d(5, 1, 1)
+
+    def forward(self, rgb):
+        """rgb: B x 3 x H x W in [0, 1] -> B x 1 x H x W edge probability."""
+        x = rgb.flip(1) * 255.0 - torch.tensor(BGR_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+        sides = []
+        for stage, score in zip(self.stages, self.scores):
+            x = stage(x)
+            sides.append(F.interpolate(score(x), size=rgb.shape[2:], mode="bilinear", align_corners=False))
+        return torch.sigmoid(self.combine(torch.cat(sides, dim=1)))
+
+
+def convert_hed_state_dict(published):
+    """Rename the keys of sniklaus/pytorch-hed's file to this module's names."""
+    converted = {}
+    for key, value in published.items():
+        rest = key
+        for prefix in ("module", "net"):
+            if rest.startswith(prefix):
+                rest = rest[len(prefix):]
+                break
+        for i, name in enumerate(_STAGE_NAMES):
+            if rest.startswith("Vgg" + name + "."):
+                rest = f"stages.{i}." + rest[len("Vgg" + name + "."):]
+            elif rest.startswith("Score" + name + "."):
+                rest = f"scores.{i}." + rest[len("Score" + name + "."):]
+        if rest.startswith("Combine.0."):  # Sequential(conv, sigmoid) upstream; sigmoid is in forward
+            rest = "combine." + rest[len("Combine.0."):]
+        converted[rest] = value
+    return converted
+
+
+def load_hed(path, device="cpu"):
+    """Build HED and load the published weights file (or a state dict saved from this module)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unreadable, truncated, not a torch file
+        raise HEDError(f"cannot read HED weights {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise HEDError(f"{path} is not a state dict (got {type(state).__name__})")
+    model = HED()
+    converted = convert_hed_state_dict(state)
+    missing, unexpected = model.state_dict().keys() - converted.keys(), converted.keys() - model.state_dict().keys()
+    if missing or unexpected:
+        raise HEDError(
+            f"{path} is not a HED checkpoint: {len(missing)} missing keys (e.g. {sorted(missing)[:2]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}); expected "
+            "sniklaus/pytorch-hed's network-bsds500.pytorch")
+    for key, value in model.state_dict().items():
+        if converted[key].shape != value.shape:
+            raise HEDError(f"{path}: {key} has shape {tuple(converted[key].shape)}, expected {tuple(value.shape)}")
+    model.load_state_dict(converted)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def hed_sketch(model, rgb, threshold=HED_THRESHOLD):
+    """HxWx3 uint8 numpy image -> HxW bool sketch (True = edge), as PITI binarizes HED."""
+    device = next(model.parameters()).device
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(device).permute(2, 0, 1)[None] / 255.0
+    return (model(x)[0, 0] > threshold).cpu().numpy()
+
+
+def _gaussian_blur(x, sigma):
+    radius = max(1, int(round(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = k / k.sum()
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+@torch.no_grad()
+def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
+    """HxWx3 uint8 numpy image -> HxW bool edges, a Canny detector in plain torch.
+
+    1. grayscale and Gaussian blur (sigma) to suppress pixel noise;
+    2. Sobel gradients; magnitude normalized by its maximum so thresholds are image-relative;
+    3. non-maximum suppression: keep a pixel only if it is a local maximum of the magnitude
+       along the gradient direction (quantized to 0, 45, 90, 135 degrees), giving 1-px lines;
+    4. hysteresis: pixels above `high` are edges, and pixels above `low` join them when
+       connected to one (8-neighbourhood).
+    """
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
+    gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    g = _gaussian_blur(gray, sigma)
+    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    padded = F.pad(g, (1, 1, 1, 1), mode="replicate")
+    gx = F.conv2d(padded, sobel.view(1, 1, 3, 3))[0, 0]
+    gy = F.conv2d(padded, sobel.t().reshape(1, 1, 3, 3))[0, 0]
+    mag = torch.hypot(gx, gy)
+    mag = mag / mag.max().clamp_min(1e-8)
+
+    # direction in [0, 180) quantized to 4 bins; the two neighbours along each direction
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180.0
+    bins = (((angle + 22.5) // 45) % 4).long()
+    offsets = [((0, 1), (0, -1)), ((1, 1), (-1, -1)), ((1, 0), (-1, 0)), ((1, -1), (-1, 1))]
+    m = F.pad(mag, (1, 1, 1, 1))
+    h, w = mag.shape
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    for b, ((dy1, dx1), (dy2, dx2)) in enumerate(offsets):
+        n1 = m[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
+        n2 = m[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
+        keep |= (bins == b) & (mag >= n1) & (mag >= n2)
+    thin = mag * keep
+
+    return hysteresis((thin >= high).numpy(), (thin >= low).numpy())
+
+
+def hysteresis(strong, weak):
+    """Keep the 8-connected components of `weak` that contain a `strong` pixel.
+
+    Components by label propagation with pointer jumping: every weak pixel starts as its own
+    tree (label = its index). Each round, every pixel looks at the smallest label in its 3x3
+    neighbourhood and hangs the root of its tree under it ("hooking"); then every label is
+    replaced by its label's label until the trees are flat ("jumping"). A component ends with
+    all its pixels labelled by its smallest index, after a number of rounds that grows with the
+    logarithm of its size rather than with its length.
+    """
+    h, w = weak.shape
+    none = h * w  # the label of non-weak pixels, larger than every index
+    label = np.append(np.where(weak.ravel(), np.arange(h * w), none), none)  # label[none] = none
+    inside = np.flatnonzero(weak)
+    while True:
+        padded = np.pad(label[:-1].reshape(h, w), 1, constant_values=none)
+        smallest = np.min([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
+        hooked = label.copy()
+        np.minimum.at(hooked, label[inside], smallest.ravel()[inside])
+        while True:
+            jumped = hooked[hooked]
+            if np.array_equal(jumped, hooked):
+                break
+            hooked = jumped
+        if np.array_equal(hooked, label):
+            break
+        label = hooked
+    keep = np.zeros(h * w + 1, dtype=bool)
+    keep[label[np.flatnonzero(strong)]] = True
+    keep[none] = False
+    return keep[label[:-1]].reshape(h, w)

@@ -1,0 +1,455 @@
+"""From the datasets as published to list files of training pairs that nanopiti.data reads.
+
+    python prepare_data.py --data ade20k      --root ~/datasets [--download]
+    python prepare_data.py --data coco        --root ~/datasets/coco [--download]
+    python prepare_data.py --data coco-sketch --root ~/datasets/coco [--hed-weights network-bsds500.pytorch]
+    python prepare_data.py --data diode       --root ~/datasets/diode [--download]
+    python prepare_data.py --data toy         --root data/toy --num 2000
+
+Each run writes, under --out (default data/<name>; for toy, --root itself):
+
+    {train,val}/images/*           the photos, shorter side resized to --size (256)
+    {train,val}/labels/*.png       mask tasks: color-coded label maps (nanopiti.colormap)
+    {train,val}/sketches/*.png     sketch task: binary edges, white on black
+    {train,val}/{normals,depth}/*  depth task: PITI's RGB encodings of normals and depth
+    {train,val}_{task}.txt         one pair per line: image<TAB>condition[<TAB>caption]
+    skipped.txt                    every input that was skipped, and why
+
+Outputs that already exist are reused (rerun after an interruption), unless --overwrite.
+"""
+
+import argparse
+import functools
+import glob
+import hashlib
+import http.client
+import os
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from multiprocessing import Pool
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from nanopiti.conditions import encode_depth, encode_normal
+from nanopiti.data import (DataError, label_image_to_color, open_image, scene_condition_arrays,
+                           shorter_side_size)
+from nanopiti.hed import HEDError, canny_edges, hed_sketch, load_hed
+
+
+class PrepareError(Exception):
+    """Something the user must fix (missing dataset, failed download); printed as one line."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloading: resumable, verified, then unpacked
+# ---------------------------------------------------------------------------------------------
+
+# name -> [(url, md5 or None, folder to unpack into (relative to --root), a glob that matches
+#           once the archive is unpacked)]
+ARCHIVES = {
+    "ade20k": [("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
+                "7328b3957e407ddae1d3cbf487f149ef", ".", "ADEChallengeData2016/images/training/*.jpg")],
+    "coco": [
+        ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2", ".",
+         "train2017/*.jpg"),
+        ("http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80", ".",
+         "val2017/*.jpg"),
+        ("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
+         None, "stuffthingmaps_trainval2017", "stuffthingmaps_trainval2017/val2017/*.png"),
+    ],
+    "diode": [(f"http://diode-dataset.s3.amazonaws.com/{name}.tar.gz", None, ".", pattern)
+              for name, pattern in [("train", "train/*/*/*/*_depth.npy"), ("val", "val/*/*/*/*_depth.npy"),
+                                    ("train_normals", "train/*/*/*/*_normal.npy"),
+                                    ("val_normals", "val/*/*/*/*_normal.npy")]],
+}
+ARCHIVES["coco-sketch"] = ARCHIVES["coco"][:2]
+
+
+def download(url, dest, md5=None, chunk_size=1 << 20, timeout=60):
+    """Fetch `url` to `dest` with a progress bar, resuming a previous partial `dest`.part.
+
+    The partial file grows by HTTP Range requests ("bytes=<size>-"); a server that ignores
+    Range (status 200) makes us start over. The result must have the announced size, the known
+    md5 (if any) and be a readable archive before it is renamed to `dest`.
+    """
+    part = dest + ".part"
+    start = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"User-Agent": "nanopiti-prepare-data"}
+    if start:
+        headers["Range"] = f"bytes={start}-"
+    total = None
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not start:
+            raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from None
+        response = None  # 416: nothing left to send; is the partial file complete?
+        total = int(e.headers.get("Content-Range", "*/-1").rsplit("/", 1)[-1])
+    except (urllib.error.URLError, OSError) as e:
+        raise PrepareError(f"cannot reach {url} ({getattr(e, 'reason', e)}); check the network and rerun") from None
+    if response is not None:
+        with response:
+            if start and response.status != 206:
+                start = 0
+            length = response.headers.get("Content-Length")
+            total = start + int(length) if length is not None else None
+            with open(part, "ab" if start else "wb") as f, tqdm(
+                    total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=os.path.basename(dest)) as bar:
+                while True:
+                    try:
+                        chunk = response.read(chunk_size)
+                    except (OSError, http.client.HTTPException) as e:
+                        raise PrepareError(f"download of {url} interrupted at {f.tell()} bytes "
+                                           f"({type(e).__name__}); rerun the same command to resume") from None
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    size = os.path.getsize(part)
+    if total is not None and size != total:
+        if size > total:
+            os.remove(part)
+        raise PrepareError(f"download of {url} stopped at {size} of {total} bytes; rerun the same command to resume")
+    problem = verify_archive(part, dest, md5)
+    if problem:
+        os.remove(part)
+        raise PrepareError(f"{os.path.basename(dest)} is corrupt ({problem}); deleted it, rerun to download again")
+    os.replace(part, dest)
+
+
+def verify_archive(path, name, md5=None):
+    """Return None if the file at `path` (an archive called `name`) is intact, else why not."""
+    if md5:
+        digest = hashlib.md5()
+        with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
+                                          desc="md5 " + os.path.basename(name)) as bar:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+                bar.update(len(block))
+        if digest.hexdigest() != md5:
+            return f"md5 {digest.hexdigest()} instead of {md5}"
+    try:
+        if name.endswith(".zip"):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()  # reads every member and checks its CRC
+            return f"member {bad} fails its CRC" if bad else None
+        with tarfile.open(path, "r:*") as t:
+            for _ in t:  # walks to the end of the gzip stream, which checks its CRC
+                pass
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def fetch(name, root):
+    """Download and unpack the archives of dataset `name` that `root` does not hold yet."""
+    for url, md5, into, provides in ARCHIVES[name]:
+        archive = os.path.join(root, url.rsplit("/", 1)[-1])
+        unpacked = next(glob.iglob(os.path.join(root, provides)), None) is not None
+        if unpacked and not os.path.exists(archive):
+            print(f"{os.path.basename(archive)}: already unpacked under {root}")
+            continue
+        os.makedirs(root, exist_ok=True)
+        if not os.path.exists(archive):
+            download(url, archive, md5)
+        target = os.path.join(root, into)
+        if archive.endswith(".zip"):
+            with zipfile.ZipFile(archive) as z:
+                for member in tqdm(z.infolist(), desc="unzip " + os.path.basename(archive)):
+                    z.extract(member, target)
+        else:
+            with tarfile.open(archive, "r:*") as t:
+                for member in tqdm(t, desc="untar " + os.path.basename(archive)):
+                    t.extract(member, target, filter="data")
+        os.remove(archive)  # unpacked completely; the archive only costs disk space now
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-pair work (top-level functions so that multiprocessing can send them to workers)
+# ---------------------------------------------------------------------------------------------
+
+def _save(img, path, **kwargs):
+    """Write atomically, so an interrupted run never leaves a half-written file behind."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    img.save(tmp, format="JPEG" if path.endswith(".jpg") else "PNG", **kwargs)
+    os.replace(tmp, path)
+
+
+def _resized_photo(path, size):
+    image = open_image(path).convert("RGB")
+    return image, shorter_side_size(*image.size, size)
+
+
+def _nearest(arr, size):
+    """Nearest-neighbour resize of any (H, W, ...) array to size = (w, h), sampling centers."""
+    h, w = arr.shape[:2]
+    rows = np.minimum(((np.arange(size[1]) + 0.5) * h / size[1]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(size[0]) + 0.5) * w / size[0]).astype(np.int64), w - 1)
+    return arr[rows][:, cols]
+
+
+def _mask_pair(job):
+    """(image, class-index label map) -> resized photo + color-coded label map."""
+    image_path, label_path, out, split, stem, size, palette, overwrite = job
+    rel_img, rel_lbl = f"{split}/images/{stem}.jpg", f"{split}/labels/{stem}.png"
+    line = f"{rel_img}\t{rel_lbl}"
+    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_lbl)):
+        return line, None
+    image, new_size = _resized_photo(image_path, size)
+    label = open_image(label_path)
+    if label.mode not in ("L", "P", "I", "I;16"):
+        raise DataError(f"{label_path}: expected a single-channel class-index PNG, got mode {label.mode}",
+                        reason="wrong channels")
+    if label.size != image.size:
+        raise DataError(f"{label_path}: size {label.size} differs from its image {image.size}",
+                        reason="size mismatch")
+    color = label_image_to_color(label.resize(new_size, Image.NEAREST), palette)
+    _save(image.resize(new_size, Image.BICUBIC), os.path.join(out, rel_img), quality=95)
+    _save(Image.fromarray(color), os.path.join(out, rel_lbl))
+    return line, None
+
+
+def _sketch_pair(job, model=None):
+    """A photo -> resized photo + binary sketch (HED when `model` is given, else Canny)."""
+    image_path, out, split, size, overwrite = job
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    rel_img, rel_sk = f"{split}/images/{stem}.jpg", f"{split}/sketches/{stem}.png"
+    line = f"{rel_img}\t{rel_sk}"
+    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_sk)):
+        return line, None
+    image, new_size = _resized_photo(image_path, size)
+    image = image.resize(new_size, Image.BICUBIC)
+    rgb = np.asarray(image)
+    edges = hed_sketch(model, rgb) if model is not None else canny_edges(rgb)
+    _save(image, os.path.join(out, rel_img), quality=95)
+    _save(Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)), os.path.join(out, rel_sk))
+    return line, None
+
+
+def _diode_pair(job):
+    """DIODE (png, depth, depth mask, normals) -> resized photo + PITI's normal and depth PNGs."""
+    png, out, split, size, overwrite = job
+    stem = os.path.basename(png)[:-4]
+    rel_img, rel_n, rel_d = f"{split}/images/{stem}.jpg", f"{split}/normals/{stem}.png", f"{split}/depth/{stem}.png"
+    line = f"{rel_img}\t{rel_n},{rel_d}"
+    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_n, rel_d)):
+        return line, None
+    image, new_size = _resized_photo(png, size)
+    arrays = []
+    for suffix in ("_depth.npy", "_depth_mask.npy", "_normal.npy"):
+        path = png[:-4] + suffix
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(f"{path}: no such file", reason="missing file") from None
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: unreadable ({e})") from None
+        if arr.shape[:2] != (image.size[1], image.size[0]):
+            raise DataError(f"{path}: shape {arr.shape} does not match its image {image.size}",
+                            reason="size mismatch")
+        arrays.append(_nearest(arr, new_size))
+    depth, valid, normal = arrays
+    _save(image.resize(new_size, Image.BICUBIC), os.path.join(out, rel_img), quality=95)
+    _save(Image.fromarray(encode_normal(normal)), os.path.join(out, rel_n))
+    _save(Image.fromarray(encode_depth(depth.reshape(valid.shape[:2]), valid)), os.path.join(out, rel_d))
+    return line, None
+
+
+def _toy_scene(job):
+    """Render toy scene `index` and store it in all three tasks' encodings."""
+    index, out, split, size = job
+    from nanopiti.toy import render_scene
+    scene = render_scene(index, size)
+    stem = f"{index:06d}"
+    caption = " ".join(scene.caption.split())  # no tabs or newlines inside a list-file line
+    _save(Image.fromarray(scene.image), os.path.join(out, f"{split}/images/{stem}.png"))
+    lines = {}
+    for task, folders in (("mask", ["labels"]), ("sketch", ["sketches"]), ("depth", ["normals", "depth"])):
+        _, conds = scene_condition_arrays(scene, task)
+        rels = [f"{split}/{folder}/{stem}.png" for folder in folders]
+        for rel, arr in zip(rels, conds):
+            _save(Image.fromarray(arr), os.path.join(out, rel))
+        lines[task] = f"{split}/images/{stem}.png\t{','.join(rels)}\t{caption}"
+    return lines, None
+
+
+def _guarded(fn_job):
+    """Run one job; a bad input becomes (None, (reason, message)) instead of an exception."""
+    fn, job = fn_job
+    try:
+        return fn(job)
+    except DataError as e:
+        return None, (e.reason, str(e))
+
+
+def run_jobs(fn, jobs, workers, desc):
+    """Map `fn` over `jobs` (in order) with a progress bar; returns results and skips."""
+    tasks = [(fn, job) for job in jobs]
+    if workers > 1 and len(tasks) > 1:
+        with Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            results = list(tqdm(pool.imap(_guarded, tasks, chunksize=8), total=len(tasks), desc=desc))
+    else:
+        results = [_guarded(t) for t in tqdm(tasks, desc=desc)]
+    return [r for r, _ in results if r is not None], [s for _, s in results if s is not None]
+
+
+def finish(out, lists, skipped, n_inputs):
+    """Write the list files and skipped.txt, and say what happened."""
+    os.makedirs(out, exist_ok=True)
+    for name, lines in lists.items():
+        with open(os.path.join(out, name), "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        print(f"wrote {os.path.join(out, name)} ({len(lines)} pairs)")
+    with open(os.path.join(out, "skipped.txt"), "w", encoding="utf-8") as f:
+        f.writelines(f"{reason}\t{message}\n" for reason, message in skipped)
+    if skipped:
+        counts = {}
+        for reason, _ in skipped:
+            counts[reason] = counts.get(reason, 0) + 1
+        detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        print(f"skipped {len(skipped)} of {n_inputs} inputs ({detail}); see {os.path.join(out, 'skipped.txt')}",
+              file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+def _files(folder, ext):
+    return sorted(glob.glob(os.path.join(folder, "*" + ext))) if os.path.isdir(folder) else []
+
+
+def require(name, root, parts):
+    """parts: {description: [files]}; raise one line naming every empty part."""
+    missing = [desc for desc, files in parts.items() if not files]
+    if missing:
+        state = "not found" if len(missing) == len(parts) else "incomplete"
+        raise PrepareError(f"{name} {state} under {root}: expected {'; '.join(missing)}; fetch it with: "
+                           f"python prepare_data.py --data {DATA_KEYS[name]} --root {root} --download "
+                           f"(downloads {' '.join(a[0] for a in ARCHIVES[DATA_KEYS[name]])})")
+
+
+def prepare_masks(args, name, splits, palette):
+    """ADE20K / COCO-Stuff: splits = {split: (image folder, label folder, image extension)}."""
+    found = {s: (_files(i, ext), _files(l, ".png")) for s, (i, l, ext) in splits.items()}
+    parts = {}
+    for s, (i, l, ext) in splits.items():
+        parts[f"{i}/*{ext}"], parts[f"{l}/*.png"] = found[s]
+    require(name, args.root, parts)
+    lists, skipped, n = {}, [], 0
+    for split, (images, labels) in found.items():
+        by_stem = {os.path.basename(p)[:-4]: p for p in labels}
+        jobs = []
+        for image in images:
+            stem = os.path.splitext(os.path.basename(image))[0]
+            if stem not in by_stem:
+                skipped.append(("missing file", f"{image}: no label map {stem}.png"))
+                continue
+            jobs.append((image, by_stem[stem], args.out, split, stem, args.size, palette, args.overwrite))
+        n += len(images)
+        lines, skips = run_jobs(_mask_pair, jobs, args.workers, f"{name} {split}")
+        lists[f"{split}_mask.txt"], skipped = lines, skipped + skips
+    finish(args.out, lists, skipped, n)
+
+
+def prepare_ade20k(args):
+    # --root may be the folder that holds ADEChallengeData2016 (as unzipped) or that folder itself
+    unzipped = os.path.isdir(os.path.join(args.root, "images"))
+    base = args.root if unzipped else os.path.join(args.root, "ADEChallengeData2016")
+    prepare_masks(args, "ADE20K", {s: (f"{base}/images/{d}", f"{base}/annotations/{d}", ".jpg")
+                                   for s, d in (("train", "training"), ("val", "validation"))}, "ade20k")
+
+
+def prepare_coco(args):
+    stuff = os.path.join(args.root, "stuffthingmaps_trainval2017")
+    prepare_masks(args, "COCO-Stuff", {s: (f"{args.root}/{s}2017", f"{stuff}/{s}2017", ".jpg")
+                                       for s in ("train", "val")}, "coco")
+
+
+def prepare_coco_sketch(args):
+    found = {s: _files(os.path.join(args.root, f"{s}2017"), ".jpg") for s in ("train", "val")}
+    require("COCO images", args.root, {f"{args.root}/{s}2017/*.jpg": f for s, f in found.items()})
+    if args.hed_weights:  # one process drives the network (on the GPU when there is one)
+        fn, workers = functools.partial(_sketch_pair, model=load_hed(args.hed_weights, args.device)), 1
+    else:
+        fn, workers = _sketch_pair, args.workers
+        print("WARNING: no --hed-weights given: using the weight-free Canny edge detector instead of HED.\n"
+              "WARNING: PITI's sketch checkpoints expect HED sketches (sniklaus/pytorch-hed, "
+              "network-bsds500.pytorch); Canny edges are only for training your own models.", file=sys.stderr)
+    lists, skipped = {}, []
+    for split, images in found.items():
+        jobs = [(p, args.out, split, args.size, args.overwrite) for p in images]
+        lines, skips = run_jobs(fn, jobs, workers, f"sketch {split}")
+        lists[f"{split}_sketch.txt"], skipped = lines, skipped + skips
+    finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
+
+
+def prepare_diode(args):
+    found = {}
+    for split in ("train", "val"):
+        pngs = sorted(glob.glob(os.path.join(args.root, split, "**", "*.png"), recursive=True))
+        found[split] = [p for p in pngs if os.path.exists(p[:-4] + "_depth.npy")]
+    normals = {s: [p for p in f if os.path.exists(p[:-4] + "_normal.npy")] for s, f in found.items()}
+    parts = {f"{args.root}/{s}/<scene>/<scan>/*.png with *_depth.npy, *_depth_mask.npy": found[s] for s in found}
+    parts.update({f"*_normal.npy beside the {s} images ({s}_normals.tar.gz)": normals[s] for s in normals})
+    require("DIODE", args.root, parts)
+    lists, skipped = {}, []
+    for split, pngs in found.items():
+        jobs = [(p, args.out, split, args.size, args.overwrite) for p in pngs]
+        lines, skips = run_jobs(_diode_pair, jobs, args.workers, f"diode {split}")
+        lists[f"{split}_depth.txt"], skipped = lines, skipped + skips
+    finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
+
+
+def prepare_toy(args):
+    if args.num < 2:
+        raise PrepareError(f"--num {args.num}: the toy world needs at least 2 scenes (one for val)")
+    n_val = max(1, args.num // 10)
+    jobs = [(i, args.out, "val" if i >= args.num - n_val else "train", args.size) for i in range(args.num)]
+    results, skipped = run_jobs(_toy_scene, jobs, args.workers, "toy scenes")
+    lists = {f"{split}_{task}.txt": [] for split in ("train", "val") for task in ("mask", "sketch", "depth")}
+    for (_, _, split, _), lines in zip(jobs, results):
+        for task, line in lines.items():
+            lists[f"{split}_{task}.txt"].append(line)
+    finish(args.out, lists, skipped, args.num)
+
+
+DATA_KEYS = {"ADE20K": "ade20k", "COCO-Stuff": "coco", "COCO images": "coco-sketch", "DIODE": "diode"}
+PREPARE = {"ade20k": prepare_ade20k, "coco": prepare_coco, "coco-sketch": prepare_coco_sketch,
+           "diode": prepare_diode, "toy": prepare_toy}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, choices=sorted(PREPARE))
+    parser.add_argument("--root", required=True, help="where the dataset is (or goes, with --download)")
+    parser.add_argument("--out", help="output folder (default: data/<name>; toy: --root)")
+    parser.add_argument("--download", action="store_true", help="fetch the official archives first")
+    parser.add_argument("--size", type=int, default=256, help="shorter side of the stored pictures")
+    parser.add_argument("--hed-weights", help="coco-sketch: sniklaus/pytorch-hed network-bsds500.pytorch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--num", type=int, default=2000, help="toy: number of scenes (10%% go to val)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    args = parser.parse_args(argv)
+    args.out = args.out or (args.root if args.data == "toy" else os.path.join("data", args.data))
+    try:
+        if args.download:
+            if args.data == "toy":
+                raise PrepareError("the toy world is rendered, not downloaded; drop --download")
+            fetch(args.data, args.root)
+        PREPARE[args.data](args)
+    except (PrepareError, DataError, HEDError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
