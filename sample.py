@@ -1,0 +1,444 @@
+"""Sample pictures from condition images with a PITI model: the paper's two-stage pipeline.
+
+    python sample.py --cond mask.png                          # the shipped toy models
+    python sample.py --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --cond mask.png --palette coco
+
+1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps
+   (250 in the paper), guided by the condition (section 3.4): the conditional and the null
+   condition (an all-ones `ref`) run in one batched forward, and their noise predictions are
+   combined by normalized classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
+2. The 64x64 result is quantized to 8 bits, the form the upsampler saw during training (it was
+   trained on 64x64 pictures read from files).
+3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given the
+   low-resolution picture and the same condition, without guidance: this is what the PITI
+   release does (its upsampler is called directly, not through the guidance wrapper).
+
+Every random number comes from one torch.Generator seeded by --seed, on the sampling device
+(noise drawn on the CPU and copied over would stall the GPU at every step), so a run is
+reproducible on the same machine. On a GPU the decoder's forward pass is replayed as a CUDA
+graph: at 64x64 the GPU finishes the work faster than Python can launch its kernels one by one.
+`--bench` times the same pipeline with random full-size weights.
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nanopiti import ModelError, base_config, build_model, load_model, toy_config
+from nanopiti.data import DataError, load_condition_image
+from nanopiti.diffusion import DiffusionError, GaussianDiffusion, get_named_beta_schedule
+from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
+DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
+TOY_HINT = "python train.py --stage 1 --data toy"  # the README's quickstart makes both toy models
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+DIFFUSION_STEPS = 1000  # both PITI models were trained with 1000 diffusion steps
+# The released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention.
+DEFAULT_GUIDANCE = 0.3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class SampleError(ValueError):
+    """Bad command-line input for sampling: the message says what is wrong and what to do."""
+
+
+# --- models and conditions ---
+
+def load_piti(path, upsampler):
+    """Load a PITI base model (upsampler=False) or upsampler, refusing anything else."""
+    role, flag = ("upsampler", "--sr-ckpt") if upsampler else ("base model", "--ckpt")
+    if Path(path).resolve() in (DEFAULT_CKPT, DEFAULT_SR_CKPT) and not Path(path).is_file():
+        raise SampleError(f"the default toy {role} {path} is missing; make it with `{TOY_HINT}` "
+                          f"(see the README) or pass {flag}")
+    model = load_model(str(path))
+    if model.config["kind"] == "glide":
+        raise SampleError(f"{path}: it is a text-to-image GLIDE model, not a PITI model; finetune it first "
+                          f"with `python train.py --stage 1 --init {path}`")
+    if model.config["super_res"] != upsampler:
+        other = "an upsampler" if model.config["super_res"] else "a base model"
+        where = "--sr-ckpt" if model.config["super_res"] else "--ckpt"
+        raise SampleError(f"{path}: {flag} needs a PITI {role} but this is {other}; give it as {where}")
+    return model
+
+
+def check_pair(base, sr, task):
+    """The task the models were finetuned for, checked against --task and between the two models."""
+    model_task = base.config["task"]
+    if task is not None and task != model_task:
+        raise SampleError(f"--task {task} but the base model was finetuned for the {model_task} task")
+    if sr is not None:
+        if sr.config["task"] != model_task:
+            raise SampleError(f"the base model is a {model_task} model but the upsampler a {sr.config['task']} "
+                              "model; give both checkpoints of one task")
+        if sr.config["image_size"] <= base.config["image_size"]:
+            raise SampleError(f"the upsampler makes {sr.config['image_size']}px images, not more than the base "
+                              f"model's {base.config['image_size']}px; are the checkpoints of one release?")
+    return model_task
+
+
+def find_conditions(spec, task):
+    """--cond -> list of condition paths: one image, every image in a folder, or a list file.
+
+    A depth condition is a "normal.png,depth.png" pair or a *_depth.png next to its *_normal.png
+    (see nanopiti.data.load_condition_image); a folder of depth conditions is its *_depth.png files.
+    """
+    if task == "depth" and "," in spec:
+        return [spec]
+    path = Path(spec)
+    if path.is_dir():
+        pattern = "_depth.png" if task == "depth" else IMAGE_EXTS
+        found = sorted(str(p) for p in path.iterdir() if p.name.lower().endswith(pattern))
+        if not found:
+            raise SampleError(f"--cond {spec}: the folder holds no condition images ({', '.join(IMAGE_EXTS)})")
+        return found
+    if not path.is_file():
+        raise SampleError(f"--cond {spec}: no such file or folder")
+    if path.suffix.lower() in IMAGE_EXTS:
+        return [spec]
+    # A list file: one condition per line, relative paths taken from the list file's folder.
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, OSError) as e:
+        raise SampleError(f"--cond {spec}: neither an image ({', '.join(IMAGE_EXTS)}) nor a readable "
+                          f"list file ({type(e).__name__})") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not entries:
+        raise SampleError(f"--cond {spec}: the list file names no conditions")
+    return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
+
+
+def output_stems(paths):
+    """A distinct file-name stem per condition: "a/x.png" -> "x" (depth: "x_depth.png" -> "x")."""
+    stems, seen = [], {}
+    for p in paths:
+        stem = Path(p.split(",")[-1]).stem
+        stem = stem[: -len("_depth")] if stem.endswith("_depth") else stem
+        seen[stem] = seen.get(stem, 0) + 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return stems
+
+
+# --- the pipeline ---
+
+def make_diffusion(model, spec):
+    """The model's noise schedule with 1000 training steps, respaced to `spec` for sampling."""
+    return GaussianDiffusion(get_named_beta_schedule(model.config["noise_schedule"], DIFFUSION_STEPS), spec)
+
+
+def _autocast(device, dtype):
+    """Autocast in `dtype` on a GPU; the CPU always computes in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
+
+
+def encode(model, ref, dtype):
+    """The task encoder's output for a batch of conditions, as decoder keyword arguments.
+
+    The encoder depends on the condition only, not on x_t or t, so it runs once per batch
+    instead of at every step (the PITI release reruns it at every step, 250 times)."""
+    with _autocast(ref.device, dtype):
+        pooled, tokens = model.encode(ref)
+    return {"pooled": pooled, "tokens": tokens}
+
+
+def decoder_call(model, dtype, cuda_graph=False):
+    """model_call(x_t, t, pooled=, tokens=, low_res=) -> B x 6 x H x W in fp32 for the diffusion:
+    the same as model(x_t, t, ref=..., low_res=...) with the condition encoded beforehand."""
+    def call(x, t, pooled, tokens, low_res=None):
+        with _autocast(x.device, dtype):
+            return model.decoder(x, t, (pooled, tokens), low_res).float()
+    return graphed(call) if cuda_graph else call
+
+
+def graphed(call):
+    """Run call(x, t, **condition) as a CUDA graph: captured at the first step, replayed after.
+
+    A sampling loop calls the decoder hundreds of times with the same shapes and the same
+    condition tensors; only x_t and t change. They are copied into the graph's input buffers and
+    the whole forward is launched at once. A new shape or condition means a new capture.
+    """
+    state = {}
+
+    def run(x, t, **condition):
+        key = (tuple(x.shape), tuple((name, id(v)) for name, v in condition.items()))
+        if state.get("key") != key:
+            inputs = {"x": x.clone(), "t": t.clone()}
+            # Warm up on a side stream first (Triton autotuning, cuBLAS workspaces), as capture requires.
+            stream = torch.cuda.Stream(x.device)
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                call(inputs["x"], inputs["t"], **condition)
+            torch.cuda.current_stream(x.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = call(inputs["x"], inputs["t"], **condition)
+            state.update(key=key, graph=graph, inputs=inputs, output=output)
+        state["inputs"]["x"].copy_(x)
+        state["inputs"]["t"].copy_(t)
+        state["graph"].replay()
+        return state["output"].clone()  # the next replay overwrites the graph's output buffer
+
+    return run
+
+
+def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",
+                generator=None, dtype=torch.float32, cuda_graph=False, progress=True):
+    """Base-model samples, B x 3 x S x S in [-1, 1], for a batch of conditions B x C x H x W.
+
+    The null condition of the released PITI models is an all-ones `ref`; both branches run in one
+    batched forward of the decoder (nanopiti.guidance.make_guided_model_fn).
+    """
+    size = model.config["image_size"]
+    null = encode(model, torch.ones_like(cond), dtype) if kind != "none" else {}
+    model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), encode(model, cond, dtype), null,
+                                    guidance, kind)
+    diffusion = make_diffusion(model, steps)
+    loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
+    return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress)
+
+
+def quantize(x):
+    """[-1, 1] -> the nearest of the 256 values an 8-bit picture can hold, still in [-1, 1]."""
+    return ((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
+
+
+def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997, generator=None,
+                     dtype=torch.float32, cuda_graph=False, progress=True):
+    """Upsampled samples, B x 3 x S x S, from the (quantized) base samples `low_res`.
+
+    Conditional only and ancestral, with x_T scaled by `temperature`, as the PITI release samples it.
+    """
+    size = model.config["image_size"]
+    condition = {**encode(model, cond, dtype), "low_res": low_res}
+    model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), condition, {}, 0.0, "none")
+    return make_diffusion(model, steps).p_sample_loop(
+        model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
+        generator=generator, progress=progress)
+
+
+def to_uint8(x):
+    """B x C x H x W in [-1, 1] -> B x H x W x C uint8 (rounded, as PIL would store it)."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def condition_picture(cond, size):
+    """A condition tensor as an RGB picture for the grid: the label map itself, the sketch's
+    distance field in gray, or the normal map of a depth condition."""
+    rgb = cond[:3] if len(cond) >= 3 else cond[:1].expand(3, -1, -1)
+    return np.asarray(Image.fromarray(to_uint8(rgb[None])[0]).resize((size, size), Image.NEAREST))
+
+
+def grid_row(pictures, gap=2):
+    """Pictures of one height side by side, separated by white columns."""
+    h = pictures[0].shape[0]
+    space = np.full((h, gap, 3), 255, np.uint8)
+    parts = [p for pic in pictures for p in (pic, space)][:-1]
+    return np.concatenate(parts, axis=1)
+
+
+# --- the command line ---
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--cond", help="condition image, folder of images, or list file (one path per line)")
+    p.add_argument("--task", choices=["mask", "sketch", "depth"], help="default: the checkpoint's task")
+    p.add_argument("--ckpt", default=str(DEFAULT_CKPT), help="PITI base model (released or nanopiti)")
+    p.add_argument("--sr-ckpt", default=str(DEFAULT_SR_CKPT), help="PITI upsampler")
+    p.add_argument("--base-only", action="store_true", help="skip the upsampler, write base-size images")
+    p.add_argument("--num", type=int, default=1, help="samples per condition")
+    p.add_argument("--batch-size", type=int, default=8, help="images sampled together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out", help="output folder, or a .png file for one sample")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help="guidance strength w (paper's convention; PITI's sample_c = 1 + w)")
+    p.add_argument("--guidance-kind", choices=GUIDANCE_KINDS, default="ncf",
+                   help="ncf: normalized CF (eq. 8), cf: classifier-free (eq. 7), none: conditional only")
+    p.add_argument("--steps", default="250", help="base model steps: N, 'a,b,c' sections, ddimN or fast27")
+    p.add_argument("--sr-steps", default="fast27", help="upsampler steps, same forms")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base model sampler")
+    p.add_argument("--sr-temperature", type=float, default=0.997, help="scale of the upsampler's x_T")
+    p.add_argument("--palette", choices=["coco", "ade20k"], help="colors for single-channel class-index maps")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype on GPU (default bf16; CPU: fp32)")
+    p.add_argument("--no-kernels", action="store_true", help="PyTorch ops instead of the Triton kernels")
+    p.add_argument("--no-cuda-graph", action="store_true", help="launch the decoder's kernels one by one")
+    p.add_argument("--bench", action="store_true",
+                   help="time the pipeline with random weights (PITI mask models) instead of sampling")
+    p.add_argument("--bench-config", choices=["full", "toy"], default="full",
+                   help="--bench models: the released sizes or the toy ones")
+    return p.parse_args(argv)
+
+
+def resolve_device(name, dtype_name):
+    try:
+        device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                              "cpu" if name == "auto" else name)
+    except RuntimeError:
+        raise SampleError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SampleError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if device.type != "cuda":
+        if dtype_name not in (None, "fp32"):
+            print(f"note: --dtype {dtype_name} is a GPU option; the CPU samples in fp32", file=sys.stderr)
+        return device, torch.float32
+    return device, DTYPES[dtype_name or "bf16"]
+
+
+def check_options(args):
+    for name in ("num", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SampleError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.guidance < 0:
+        raise SampleError("--guidance must be >= 0 (0 = the plain conditional model)")
+    if not 0 < args.sr_temperature <= 1.5:
+        raise SampleError("--sr-temperature must be in (0, 1.5]; PITI uses 0.997")
+    for flag, spec in (("--steps", args.steps), ("--sr-steps", args.sr_steps)):
+        try:  # a bad spec should fail now, not after loading the models
+            GaussianDiffusion(get_named_beta_schedule("linear", DIFFUSION_STEPS), spec)
+        except DiffusionError as e:
+            raise SampleError(f"{flag}: {e}") from None
+
+
+def run(args, device, dtype):
+    if not args.cond:
+        raise SampleError("--cond is required: a condition image, a folder of them, or a list file")
+    out = Path(args.out)
+    single_file = out.suffix.lower() == ".png"
+    if not Path(args.cond).exists() and "," not in args.cond:  # fail before loading big checkpoints
+        raise SampleError(f"--cond {args.cond}: no such file or folder")
+
+    base = load_piti(args.ckpt, upsampler=False)
+    sr = None if args.base_only else load_piti(args.sr_ckpt, upsampler=True)
+    task = check_pair(base, sr, args.task)
+    paths = find_conditions(args.cond, task)
+    if single_file and (len(paths) > 1 or args.num > 1):
+        raise SampleError(f"--out {out} is one file but {len(paths) * args.num} samples are asked for; "
+                          "give a folder")
+
+    # Every condition is read before any sampling, so a bad file fails fast.
+    sizes = {base.config["cond_size"]} | ({sr.config["cond_size"]} if sr else set())
+    conds = [{s: load_condition_image(p, task, args.palette, size=s) for s in sizes} for p in paths]
+    base.to(device)
+    if sr:
+        sr.to(device)
+
+    size = (sr or base).config["image_size"]
+    items = [(i, k) for i in range(len(paths)) for k in range(args.num)]
+    print(f"sampling {len(items)} image(s) from {len(paths)} condition(s): {task} base model "
+          f"{base.config['image_size']}px ({args.steps} {args.sampler} steps, {args.guidance_kind} w={args.guidance})"
+          + (f", upsampler {size}px ({args.sr_steps} steps)" if sr else "") + f" on {device}", flush=True)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    speed = dict(dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
+    samples = {i: [] for i in range(len(paths))}
+    start = time.time()
+    with torch.inference_mode():
+        for b in range(0, len(items), args.batch_size):
+            batch = items[b:b + args.batch_size]
+            cond = torch.stack([conds[i][base.config["cond_size"]] for i, _ in batch]).to(device)
+            x = sample_base(base, cond, guidance=args.guidance, kind=args.guidance_kind, steps=args.steps,
+                            sampler=args.sampler, generator=generator, **speed)
+            if sr:
+                sr_cond = torch.stack([conds[i][sr.config["cond_size"]] for i, _ in batch]).to(device)
+                x = sample_upsampler(sr, sr_cond, quantize(x), steps=args.sr_steps, temperature=args.sr_temperature,
+                                     generator=generator, **speed)
+            for (i, _), picture in zip(batch, to_uint8(x)):
+                samples[i].append(picture)
+    elapsed = time.time() - start
+
+    folder = out.parent if single_file else out
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, stem in enumerate(output_stems(paths)):
+        names = [out] if single_file else [folder / f"{stem}_{k}.png" for k in range(args.num)]
+        for name, picture in zip(names, samples[i]):
+            Image.fromarray(picture).save(name)
+        grid = out.with_name(out.stem + "_grid.png") if single_file else folder / f"{stem}_grid.png"
+        picture = condition_picture(conds[i][base.config["cond_size"]], size)
+        Image.fromarray(grid_row([picture] + samples[i])).save(grid)
+    print(f"wrote {len(items)} sample(s) and {len(paths)} grid(s) to {folder} "
+          f"({elapsed:.1f} s, {elapsed / len(items):.2f} s per image)")
+
+
+def randomize_untrained_(model, seed=0):
+    """Fill the parameters that start at zero (GLIDE zero-initializes every block's last layer) with
+    small noise, so that random weights give a non-trivial network, as a trained one is."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def bench(args, device, dtype):
+    """Seconds per image of the whole pipeline (base + upsampler) with random weights."""
+    from nanopiti.ops import use_kernels
+
+    make = base_config if args.bench_config == "full" else toy_config
+    base = randomize_untrained_(build_model(make("piti", False, "mask")), 0).eval().to(device)
+    sr = randomize_untrained_(build_model(make("piti", True, "mask")), 1).eval().to(device)
+    n = args.batch_size
+    gen = torch.Generator(device).manual_seed(args.seed)
+    cond_size = base.config["cond_size"]
+    cond = torch.rand(n, 3, cond_size, cond_size, generator=gen, device=device) * 2 - 1
+    opts = dict(generator=gen, dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
+
+    def timed(fn, **kwargs):  # the GPU runs ahead of Python: wait for it before reading the clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        x = fn(**kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return x, time.perf_counter() - t0
+
+    with torch.inference_mode():
+        # A two-step warm-up compiles the Triton kernels and fills the caching allocator.
+        low = sample_base(base, cond, steps="2", progress=False, **opts)
+        sample_upsampler(sr, cond, quantize(low), steps="2", progress=False, **opts)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        low, t_base = timed(sample_base, model=base, cond=cond, guidance=args.guidance, kind=args.guidance_kind,
+                            steps=args.steps, sampler=args.sampler, **opts)
+        _, t_sr = timed(sample_upsampler, model=sr, cond=cond, low_res=quantize(low), steps=args.sr_steps, **opts)
+    size = sr.config["image_size"]
+    kernels = "on" if use_kernels(torch.empty(1, device=device)) else "off"
+    graph = ", CUDA graph" if opts["cuda_graph"] else ""
+    memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"bench {args.bench_config} PITI mask, batch {n}, {args.steps}+{args.sr_steps} steps, "
+          f"{str(dtype).replace('torch.', '')}, kernels {kernels}{graph}, {args.guidance_kind}, {name}: "
+          f"{(t_base + t_sr) / n:.3f} s per {size}x{size} image "
+          f"(base {t_base / n:.3f} s, upsampler {t_sr / n:.3f} s){memory}")
+
+
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.no_kernels:
+        os.environ["NANOPITI_KERNELS"] = "0"  # read by nanopiti.ops at every call
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _warn_one_line  # e.g. off-palette colors in a label map
+            check_options(args)
+            device, dtype = resolve_device(args.device, args.dtype)
+            (bench if args.bench else run)(args, device, dtype)
+    except (SampleError, ModelError, DataError, DiffusionError, GuidanceError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
