@@ -1,1 +1,44 @@
-"""Triton kernels for the UNet hot paths (see kernels/attention.py, kernels/groupnorm_silu.py)."""
+"""Triton kernels for the UNet hot paths: flash attention and fused GroupNorm(+FiLM)+SiLU.
+
+    kernels.attention(q, k, v)                            kernels/attention.py
+    kernels.groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True)
+                                                          kernels/groupnorm_silu.py
+    kernels.kernels_available(tensor) -> bool             whether to take the kernel path
+
+The PyTorch code in the model stays the readable reference; callers take the kernel path only when
+`kernels_available(x)` says so. The environment variable NANOPITI_KERNELS decides:
+
+    unset (default)   kernels for CUDA tensors when Triton imports, PyTorch otherwise
+    NANOPITI_KERNELS=0 always PyTorch (e.g. to compare, or to debug)
+    NANOPITI_KERNELS=1 kernels also for CPU tensors; this only works with TRITON_INTERPRET=1 set
+                       before `kernels` is imported (Triton's numpy interpreter: slow, for tests)
+"""
+
+import os
+
+try:
+    import triton  # noqa: F401
+    _HAVE_TRITON = True
+except ImportError:
+    _HAVE_TRITON = False
+
+if _HAVE_TRITON:
+    from .attention import attention
+    from .groupnorm_silu import groupnorm_silu
+else:
+    def attention(q, k, v):
+        raise ImportError("kernels.attention needs Triton (pip install triton); use the PyTorch path instead")
+
+    def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
+        raise ImportError("kernels.groupnorm_silu needs Triton (pip install triton); use the PyTorch path instead")
+
+
+def kernels_available(tensor):
+    """True when the Triton kernels should handle `tensor` (see the module docstring)."""
+    mode = os.environ.get("NANOPITI_KERNELS", "")
+    if mode == "0" or not _HAVE_TRITON:
+        return False
+    return tensor.is_cuda or mode == "1"
+
+
+__all__ = ["attention", "groupnorm_silu", "kernels_available"]

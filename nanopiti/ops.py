@@ -22,13 +22,16 @@ except ImportError:  # pragma: no cover - depends on the installation
     _kernels = None
 
 
+KERNEL_HEAD_DIMS = (32, 64, 128)  # what the flash-attention kernel is compiled for
+
+
 def use_kernels(t: torch.Tensor) -> bool:
     return _kernels is not None and _kernels.kernels_available(t)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D)."""
-    if use_kernels(q):
+    if q.shape[-1] in KERNEL_HEAD_DIMS and use_kernels(q):
         return _kernels.attention(q, k, v)
     # GLIDE scales q and k by d^-1/4 each before the product: the same result as dividing the
     # logits by sqrt(d), but the products stay smaller, which fp16 likes.

@@ -1,0 +1,77 @@
+"""The adversarial loss of PITI's upsampler (paper eq. 5): a PatchGAN discriminator judges the
+predicted x0 against real images.
+
+`PatchDiscriminator` is pix2pix's 70x70 PatchGAN (Isola et al. 2017), the `NLayerDiscriminator`
+that the PITI release uses: 4x4 convolutions, three of stride 2, InstanceNorm (no affine) and
+LeakyReLU(0.2), ending in a one-channel map of scores, one per 70x70 patch of the input (30x30
+scores for a 256x256 image). Judging patches instead of whole images makes it a texture critic,
+which is what an upsampler needs: the layout is already fixed by the low-res input.
+
+The GAN loss. The PITI release trains this network as a WGAN-GP critic (Gulrajani et al. 2017):
+
+    critic:    L_D = E[D(fake)] - E[D(real)] + 10 E[(||grad_x D(x_mix)||_2 - 1)^2]
+    generator: L_adv = -E[D(fake)]                      (per sample, weighted by 0.01 in eq. 5)
+
+with x_mix a random per-sample mix of real and fake, one critic step per generator step, and
+Adam at lr 1e-5. nanopiti follows it by default (`kind="wgan-gp"`): the generator here is a
+pretrained diffusion model that must only be nudged, and the Wasserstein critic gives it a
+gradient that does not vanish when the critic wins (unlike the saturating GAN loss), while the
+gradient penalty keeps the critic 1-Lipschitz so that the nudge stays bounded; the 0.01 weight
+of the release was tuned for the scale of this critic. `kind="hinge"` (Miyato et al. 2018;
+L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))], same generator loss) is offered as a cheaper
+alternative: it needs no second backward pass through the critic.
+"""
+
+import torch
+import torch.nn as nn
+
+GAN_LOSSES = ("wgan-gp", "hinge")
+
+
+class PatchDiscriminator(nn.Module):
+    """pix2pix's NLayerDiscriminator: 3 stride-2 layers then 2 stride-1 layers (70x70 patches)."""
+
+    def __init__(self, in_channels=3, width=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+        ch = width
+        for n in range(1, n_layers + 1):
+            out = width * min(2 ** n, 8)
+            stride = 2 if n < n_layers else 1  # the last widening conv keeps the resolution
+            layers += [nn.Conv2d(ch, out, 4, stride=stride, padding=1), nn.InstanceNorm2d(out), nn.LeakyReLU(0.2)]
+            ch = out
+        layers.append(nn.Conv2d(ch, 1, 4, stride=1, padding=1))
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (B, 1, h, w) patch scores (higher = more real)."""
+        return self.model(x)
+
+
+def _check(kind):
+    if kind not in GAN_LOSSES:
+        raise ValueError(f"unknown GAN loss {kind!r}; use one of {', '.join(GAN_LOSSES)}")
+
+
+def discriminator_loss(disc, real, fake, kind="wgan-gp", mix=None, gp_weight=10.0):
+    """The critic's loss on one batch (a scalar). `fake` must be detached from the generator.
+
+    mix: (B,) numbers in [0, 1] that place x_mix on the line from fake to real (WGAN-GP only);
+    the caller draws them from its own generator so that training stays reproducible.
+    """
+    _check(kind)
+    d_real, d_fake = disc(real), disc(fake)
+    if kind == "hinge":
+        return torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
+    mix = mix.view(-1, 1, 1, 1).to(real)
+    x_mix = (fake * (1 - mix) + real * mix).requires_grad_(True)
+    grad, = torch.autograd.grad(disc(x_mix).sum(), x_mix, create_graph=True)
+    penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+    return d_fake.mean() - d_real.mean() + gp_weight * penalty
+
+
+def generator_loss(disc, fake, kind="wgan-gp"):
+    """The generator's adversarial loss, per sample (B,): minus the mean patch score of its fakes.
+    (The same for both losses: hinge GANs also train the generator on -D(fake).)"""
+    _check(kind)
+    return -disc(fake).mean(dim=(1, 2, 3))

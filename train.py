@@ -1,0 +1,668 @@
+"""Train nanopiti: one loop for every stage of the paper's method (section 3), on a CPU, a GPU, or
+many GPUs with torchrun.
+
+    python train.py --stage 0 --data toy --model base        # text-to-image prior, from scratch
+    python train.py --stage 1 --data ade20k --init base.pt   # new task encoder, frozen decoder
+    python train.py --stage 2 --data ade20k --init runs/stage1-mask/latest.pt   # joint finetuning
+    python train.py --stage up --data ade20k --init upsample.pt --vgg-weights vgg19-dcbccd4d.pth
+    torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
+
+Stages:
+  0   GLIDE-style text-conditioned pretraining (text encoder + UNet) on image-caption pairs: how
+      the toy world's prior is made. `--model upsample` trains the text-conditioned upsampler.
+  1   build a PITI model: the decoder is the prior's UNet (with its `transformer_proj`; the text
+      encoder is dropped), the task encoder is new. Only the encoder is trained (section 3.3).
+  2   finetune encoder and decoder together, from the stage-1 result (from a text prior directly:
+      the paper's one-stage ablation; `--init scratch`: its from-scratch baseline).
+  up  finetune the upsampler on (image, degraded low-res, condition) with the hybrid diffusion
+      loss, the perceptual loss (eq. 4) and the adversarial loss (eq. 5) on the predicted x0;
+      encoder and decoder are trained together, as in the PITI release.
+
+Every step: AdamW on the trained weights, their EMA, classifier-free dropout of the condition
+(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches to the
+global batch, optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data
+order, timesteps, noise, condition dropout) is drawn for the whole global batch from one
+generator that every process holds, and each process takes its slice: N processes compute what
+one process would, and `--resume` continues bit for bit.
+
+A run writes to --out: latest.pt (the checkpoint, see nanopiti/checkpoint.py), log.jsonl (every
+loss term per step), samples/step_XXXXXX.png (condition | EMA sample | ground truth) and args.json.
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from nanopiti import ModelError, base_config, build_model, infer_config, load_model, toy_config
+from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
+from nanopiti.data import DataError, PairedDataset, ToyDataset, collate_skip_none
+from nanopiti.diffusion import DiffusionError, GaussianDiffusion, LossAwareSampler, get_named_beta_schedule
+from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
+from nanopiti.guidance import make_guided_model_fn
+from nanopiti.model import TASK_CHANNELS, UNET_KEYS
+from nanopiti.perceptual import PerceptualError, VGGPerceptual
+from nanopiti.toy import ToyTokenizer, ToyWorldError
+
+DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
+DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TOY_SCENES = 1800  # the toy world's training scenes (seeds 0..1799); validation uses the next ones
+
+
+class TrainError(ValueError):
+    """Bad input for training: the message says what is wrong and what to do."""
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train nanopiti (see the module docstring).")
+    p.add_argument("--stage", required=True, choices=["0", "1", "2", "up"])
+    p.add_argument("--model", choices=["base", "upsample"], default="base", help="stage 0: which prior")
+    p.add_argument("--data", choices=["toy", "ade20k", "coco", "coco-sketch", "diode", "synthetic"], default="toy")
+    p.add_argument("--data-root", help="prepared dataset folder (default data/<name>)")
+    p.add_argument("--train-list", help="list file of training pairs (default <data-root>/train_<task>.txt)")
+    p.add_argument("--val-list", help="list file for the sample grids (default <data-root>/val_<task>.txt)")
+    p.add_argument("--limit", type=int, help="use only the first N training pairs")
+    p.add_argument("--task", choices=sorted(TASK_CHANNELS), help="condition type (default: the dataset's; toy: mask)")
+    p.add_argument("--model-size", choices=["full", "toy"], help="default: toy for --data toy, else full")
+    p.add_argument("--init", help="weights to start from: stage 1 a GLIDE base.pt or stage-0 checkpoint; stage 2 "
+                   "a stage-1 checkpoint (or a text prior, or 'scratch'); stage up GLIDE upsample.pt or a stage-0 upsampler")
+    p.add_argument("--resume", help="a checkpoint of this run to continue, or 'auto' (latest.pt in --out, if any)")
+    p.add_argument("--out", help="output folder (default runs/stage<stage>-<task or model>)")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, help="global batch over all processes (default 128 full, 8 toy)")
+    p.add_argument("--micro-batch", type=int, help="per-process micro-batch for gradient accumulation")
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: 1e-4, 3.5e-5, 3e-5, 1e-5 for 0, 1, 2, up)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as min(ema, (1+n)/(10+n)))")
+    p.add_argument("--uncond-p", type=float, help="null-condition probability (default 0.2; 0 for stage up)")
+    p.add_argument("--schedule-sampler", choices=["uniform", "loss-aware"], default="uniform")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
+    p.add_argument("--no-kernels", action="store_true", help="use the PyTorch ops instead of the Triton kernels")
+    p.add_argument("--perc-weight", type=float, default=0.004, help="stage up: perceptual loss weight (eq. 4)")
+    p.add_argument("--adv-weight", type=float, default=0.01, help="stage up: adversarial loss weight (eq. 5)")
+    p.add_argument("--gan-loss", choices=GAN_LOSSES, default="wgan-gp")
+    p.add_argument("--disc-lr", type=float, default=1e-5, help="discriminator Adam learning rate")
+    p.add_argument("--vgg-weights", help="torchvision's vgg19-dcbccd4d.pth for the perceptual loss")
+    p.add_argument("--random-vgg", action="store_true", help="random VGG features (offline toy runs only)")
+    p.add_argument("--save-every", type=int, default=1000, help="save latest.pt every N steps and at the end (0: never)")
+    p.add_argument("--keep-every", type=int, default=0, help="also keep step_XXXXXX.pt every N steps")
+    p.add_argument("--sample-every", type=int, default=1000)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--sample-steps", default="ddim25", help="respacing of the preview sampler")
+    p.add_argument("--sample-w", type=float, default=0.5, help="NCF guidance strength of the previews")
+    p.add_argument("--toy-scenes", type=int, default=TOY_SCENES)
+    p.add_argument("--workers", type=int, default=2, help="data loader processes")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.task = args.task or DATA_TASK.get(args.data, "mask")
+    args.model_size = args.model_size or ("toy" if args.data == "toy" else "full")
+    args.batch_size = args.batch_size or (8 if args.model_size == "toy" else 128)
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.stage]
+    args.uncond_p = args.uncond_p if args.uncond_p is not None else (0.0 if args.stage == "up" else 0.2)
+    args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: what each stage starts from
+# ---------------------------------------------------------------------------------------------
+
+def template(args, kind, super_res):
+    """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
+    if args.model_size == "toy":
+        return toy_config(kind, super_res, args.task, n_vocab=ToyTokenizer().vocab_size)
+    return base_config(kind, super_res, args.task)
+
+
+def read_init(args):
+    """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
+    the head counts and image size of --model-size, which its weights do not record."""
+    try:
+        obj = torch.load(args.init, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"--init {args.init}: no such file; {INIT_HINT[args.stage]}") from None
+    except Exception as e:
+        raise TrainError(f"--init {args.init}: not a PyTorch checkpoint ({type(e).__name__}); {INIT_HINT[args.stage]}") from None
+    try:
+        if isinstance(obj, dict) and "config" in obj and "model" in obj:
+            return load_model(obj)
+        inferred = infer_config(obj)
+        hints = template(args, inferred["kind"], inferred["super_res"])
+        return load_model({"state_dict": obj, "config": hints})
+    except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
+        raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
+
+
+INIT_HINT = {
+    "1": "stage 1 expects a text prior: GLIDE's base.pt or a stage-0 checkpoint (python train.py --stage 0)",
+    "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
+    "up": "stage up expects GLIDE's upsample.pt or a stage-0 upsampler (python train.py --stage 0 --model upsample)",
+}
+
+
+def piti_from_prior(prior, args):
+    """A PITI model whose decoder is the text prior's UNet and whose task encoder is new."""
+    config = template(args, "piti", prior.config["super_res"])
+    config.update({k: prior.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule")})
+    if config["encoder_width"] != prior.config["xf_width"]:
+        raise TrainError(f"--init {args.init} has text width {prior.config['xf_width']} but a {args.model_size}-size "
+                         f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "
+                         f"need equal widths: pass --model-size {'full' if prior.config['xf_width'] == 512 else 'toy'}")
+    model = build_model(config)
+    unet = {k: v for k, v in prior.state_dict().items() if not k.startswith(TEXT_KEYS)}
+    model.decoder.load_state_dict(unet, strict=True)
+    return model
+
+
+def initial_model(args):
+    """The model a fresh run starts from, by stage."""
+    if args.stage == "0":
+        if args.init:
+            raise TrainError("stage 0 trains a text prior from scratch and takes no --init")
+        return build_model(template(args, "glide", args.model == "upsample"))
+    if not args.init:
+        raise TrainError(f"stage {args.stage} needs --init: {INIT_HINT[args.stage]}")
+    if args.stage == "2" and args.init == "scratch":
+        return build_model(template(args, "piti", False))
+    init = read_init(args)
+    super_res = init.config["super_res"]
+    if super_res != (args.stage == "up"):
+        have = "an upsampler" if super_res else "a base model"
+        raise TrainError(f"--init {args.init} is {have}; {INIT_HINT[args.stage]}")
+    if init.config["kind"] == "glide":
+        return piti_from_prior(init, args)
+    if args.stage == "1":
+        raise TrainError(f"--init {args.init} is already a PITI model; {INIT_HINT['1']}, or continue it with --stage 2")
+    if init.config["task"] != args.task:
+        raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
+    return init
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
+
+    def __init__(self, config, low_res, size=100_000):
+        self.config, self.low_res, self.size = config, low_res, size
+
+    def __len__(self):
+        return self.size
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, index):
+        g, c, r = torch.Generator().manual_seed(index), self.config, self.config["image_size"]
+        sample = {"image": torch.rand(3, r, r, generator=g) * 2 - 1}
+        if c["kind"] == "glide":
+            sample["tokens"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
+            sample["text_mask"] = torch.ones(c["text_ctx"], dtype=torch.bool)
+        else:
+            size = c["cond_size"]
+            sample["cond"] = torch.rand(c["cond_channels"], size, size, generator=g) * 2 - 1
+        if c["super_res"]:
+            sample["low_res"] = torch.rand(3, self.low_res, self.low_res, generator=g) * 2 - 1
+        return sample
+
+
+def low_res_size(config):
+    """The upsampler's input size: GLIDE's is 64 -> 256 (4x), the toy one 32 -> 64 (2x)."""
+    return 64 if config["image_size"] == 256 else config["image_size"] // 2
+
+
+def list_file(args, split):
+    """The list file of a split ("train" or "val"), or None for data made on the fly."""
+    explicit = args.train_list if split == "train" else args.val_list
+    if args.data == "synthetic" or (args.data == "toy" and not explicit):
+        return None
+    return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
+
+
+def check_data(args):
+    """Fail early, before loading any weights, when the training pairs are not there."""
+    path = list_file(args, "train")
+    if path is not None and not os.path.isfile(path):
+        root = os.path.dirname(path) or "."
+        where = "" if args.data == "toy" else " --root <where the dataset is> --out"
+        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
+                         f"python prepare_data.py --data {args.data}{where} {root}")
+
+
+def make_dataset(args, config, split):
+    """The training ("train") or preview ("val") dataset for this run."""
+    super_res, task = config["super_res"], args.task
+    kw = dict(resolution=config["image_size"], upsampler=super_res, low_res=low_res_size(config), seed=args.seed)
+    cond_size = config.get("cond_size", 128 if args.model_size == "toy" else 256)
+    path = list_file(args, split)
+    if args.data == "synthetic":
+        return SyntheticPairs(config, low_res_size(config))
+    if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
+        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, 1))
+        return ToyDataset(count, task, cond_size=cond_size, first_scene=first, **kw)
+    if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
+        return make_dataset(args, config, "train")
+    return PairedDataset(path, task, cond_size=cond_size, random_crop=split == "train",
+                         random_flip=split == "train", **kw)
+
+
+class EpochIndexed(torch.utils.data.Dataset):
+    """Reads keys (epoch, index): the augmentation of a sample depends on its epoch (set_epoch),
+    and a global batch may straddle two epochs, so the epoch travels with every index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This process's share of the global batch of every step, from `start` on.
+
+    The sample stream is the concatenation of one random permutation per epoch (seeded by
+    (seed, epoch)); global batch k is its slice [k B, (k + 1) B) and process r takes the r-th of
+    `world` equal parts. So the data order depends only on the seed and the step: a resumed run
+    reads exactly what the uninterrupted run would have read, with any number of processes.
+    """
+
+    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self._perms = {}
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def _item(self, position):
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return epoch, int(self._perms[epoch][i])
+
+    def __iter__(self):
+        share = self.batch // self.world
+        for step in range(self.start, self.stop):
+            first = step * self.batch + self.rank * share
+            yield [self._item(p) for p in range(first, first + share)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup, checkpoints, previews
+# ---------------------------------------------------------------------------------------------
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs alone."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
+
+
+def open_log(path, start):
+    """log.jsonl for appending, without the records of steps after `start` (written after the
+    checkpoint that a resumed run continues from, and about to be redone)."""
+    kept = []
+    if start > 0 and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
+
+
+def to_uint8(x):
+    """C x H x W in [-1, 1] -> H x W x 3 uint8 (1 channel repeated; depth+normal: the normal)."""
+    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
+    """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
+    config = ema.config
+    betas = get_named_beta_schedule(config["noise_schedule"], 1000)
+    sampler = GaussianDiffusion(betas, diffusion_steps)
+    cond, null = model_condition(ema, batch, device)
+    kind = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
+    model_fn = make_guided_model_fn(ema, cond, null, args.sample_w, kind)
+    n, r = batch["image"].shape[0], config["image_size"]
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the same noise in every preview
+    loop = sampler.ddim_sample_loop if diffusion_steps.startswith("ddim") else sampler.p_sample_loop
+    with autocast:
+        out = loop(model_fn, (n, 3, r, r), temperature=0.997 if config["super_res"] else 1.0,
+                   device=device, generator=generator, progress=False)
+    columns = ([batch["cond"]] if config["kind"] == "piti" else []) + ([batch["low_res"]] if config["super_res"] else [])
+    columns += [out.cpu(), batch["image"]]
+    tile = max(r, 64)
+    rows = [np.concatenate([to_uint8(F.interpolate(col[i:i + 1].float(), size=(tile, tile), mode="nearest")[0])
+                            for col in columns], axis=1) for i in range(n)]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
+        with open(path[:-len(".png")] + ".txt", "w") as f:
+            f.writelines(c + "\n" for c in batch["caption"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One batch -> the model's conditioning
+# ---------------------------------------------------------------------------------------------
+
+def model_condition(model, batch, device, drop=None):
+    """(condition kwargs, null-condition kwargs) of a batch for the model's forward.
+
+    PITI: ref = the condition image; its null is all ones (as the released models).
+    GLIDE: tokens and mask of the caption; its null is the empty caption (all padding).
+    `drop` (B,) bool replaces the condition by the null one (classifier-free dropout)."""
+    config = model.config
+    if config["kind"] == "piti":
+        cond = {"ref": batch["cond"].to(device)}
+        null = {"ref": torch.ones_like(cond["ref"])}
+    else:
+        if "tokens" in batch:
+            tokens, mask = batch["tokens"], batch["text_mask"]
+        else:
+            tokenizer = ToyTokenizer()
+            pairs = [tokenizer.encode(c, config["text_ctx"]) for c in batch["caption"]]
+            tokens, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
+        null = {"tokens": torch.zeros_like(cond["tokens"]), "mask": torch.zeros_like(cond["mask"])}
+    if drop is not None:
+        for k in cond:
+            shape = (-1,) + (1,) * (cond[k].dim() - 1)
+            cond[k] = torch.where(drop.view(shape), null[k], cond[k])
+    if config["super_res"]:
+        cond["low_res"] = batch["low_res"].to(device)
+    return cond, null
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def train(args):
+    if args.no_kernels:
+        os.environ["NANOPITI_KERNELS"] = "0"
+    rank, world, device = setup_distributed()
+    master = rank == 0
+    cuda = device.type == "cuda"
+    if args.dtype != "fp32" and not cuda:
+        raise TrainError(f"--dtype {args.dtype} autocasts on a GPU; on the CPU use --dtype fp32")
+    if args.batch_size % world:
+        raise TrainError(f"--batch-size {args.batch_size} does not split over {world} processes")
+    local_batch = args.batch_size // world
+    micro = min(args.micro_batch or local_batch, local_batch)
+
+    if args.stage == "0" and args.data not in ("toy", "synthetic"):
+        raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
+                         "for real data start stage 1 from GLIDE's released base.pt")
+
+    check_data(args)
+
+    # The model: from a checkpoint of this run, or what the stage starts from.
+    resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
+    ckpt = load_checkpoint(resume) if resume else None
+    torch.manual_seed(args.seed)
+    if ckpt is not None:
+        what = f"{ckpt['config']['kind']} {'upsampler' if ckpt['config']['super_res'] else 'base'}"
+        if str(ckpt["stage"]) != args.stage or ckpt.get("task") != args.task or (
+                args.stage == "0" and ckpt["config"]["super_res"] != (args.model == "upsample")):
+            raise TrainError(f"{resume} is a stage {ckpt['stage']} checkpoint ({what}, task {ckpt.get('task')}); "
+                             f"this run is stage {args.stage}, task {args.task}: resume with those settings, "
+                             f"or start a new run from it with --init")
+        model = build_model(ckpt["config"])
+        model.load_state_dict(ckpt["model"])
+    else:
+        model = initial_model(args)
+    config = model.config
+    unet = model if config["kind"] == "glide" else model.decoder
+    unet.grad_checkpointing = args.grad_checkpointing
+    if args.stage == "1":
+        model.decoder.requires_grad_(False)  # stage 1: only the task encoder learns
+    model.to(device).train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema_params = [dict(ema.named_parameters())[n] for n in names]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=args.dtype == "fp16")
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
+                                                    broadcast_buffers=False) if world > 1 else model
+
+    diffusion = GaussianDiffusion(get_named_beta_schedule(config["noise_schedule"], 1000))
+    loss_aware = LossAwareSampler(diffusion.num_timesteps) if args.schedule_sampler == "loss-aware" else None
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # the same on every process
+
+    # The upsampler's extra losses: perceptual (frozen VGG) and adversarial (its own optimizer).
+    vgg = disc = disc_opt = None
+    if args.stage == "up" and args.perc_weight > 0:
+        if not args.vgg_weights and not args.random_vgg:
+            raise TrainError("stage up's perceptual loss needs --vgg-weights vgg19-dcbccd4d.pth (torchvision's, from "
+                             "https://download.pytorch.org/models/vgg19-dcbccd4d.pth), or --random-vgg for offline "
+                             "toy runs, or --perc-weight 0")
+        if not args.vgg_weights and master:
+            print("WARNING: --random-vgg: the perceptual loss uses RANDOM VGG features, not the paper's", file=sys.stderr)
+        vgg = VGGPerceptual(args.vgg_weights, allow_random=args.random_vgg).to(device)
+    if args.stage == "up" and args.adv_weight > 0:
+        disc = PatchDiscriminator().to(device)
+        disc.requires_grad_(False)  # only the discriminator step turns its gradients on
+        disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
+
+    start = 0
+    if ckpt is not None:
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_optimizer"])
+        if scaler.is_enabled() and "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        if loss_aware is not None and "sampler" in ckpt:
+            loss_aware._history = ckpt["sampler"]["history"].numpy().copy()
+            loss_aware._counts = ckpt["sampler"]["counts"].numpy().copy()
+        set_rng_state(generator, ckpt["rng"])
+        start = int(ckpt["step"])
+
+    def checkpoint_state(step):
+        state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "optimizer": opt.state_dict(), "step": step, "stage": args.stage, "task": args.task,
+                 "args": vars(args), "rng": rng_state(generator)}
+        if disc is not None:
+            state.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
+        if scaler.is_enabled():
+            state["scaler"] = scaler.state_dict()
+        if loss_aware is not None:
+            state["sampler"] = {"history": torch.from_numpy(loss_aware._history.copy()),
+                                "counts": torch.from_numpy(loss_aware._counts.copy())}
+        return state
+
+    # Data: this process's slice of every global batch, from the resumed step on.
+    dataset = make_dataset(args, config, "train")
+    n_pairs = min(args.limit or len(dataset), len(dataset))  # --limit: the first N pairs only
+    batches = torch.utils.data.DataLoader(
+        EpochIndexed(dataset), batch_sampler=StepBatches(n_pairs, args.batch_size, rank, world, args.seed,
+                                                         start, args.max_steps),
+        num_workers=args.workers, collate_fn=collate_skip_none, pin_memory=cuda)
+    preview, log = None, None
+    if master:
+        if args.sample_every > 0:
+            val = make_dataset(args, config, "val")
+            preview = collate_skip_none([val[i] for i in range(min(args.num_samples, len(val)))])
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+        log = open_log(os.path.join(args.out, "log.jsonl"), start)
+
+    if master:
+        n_train = sum(p.numel() for p in params)
+        print(f"stage {args.stage} ({config['kind']}, task {args.task}), {n_train / 1e6:.2f}M trained parameters, "
+              f"{n_pairs} pairs, global batch {args.batch_size} = {world} x {local_batch} "
+              f"(micro-batch {micro}), steps {start}..{args.max_steps}, on {device} in {args.dtype}")
+    bar = tqdm(total=args.max_steps, initial=start, disable=not master, desc=f"stage {args.stage}")
+    timed_samples, timed_seconds = 0, 0.0
+    for step, batch in zip(range(start, args.max_steps), batches):
+        t0 = time.perf_counter()
+        if batch is None or batch["image"].shape[0] != local_batch:
+            raise TrainError("too many unreadable pairs in a row to fill a batch; see the warnings above")
+        # Randomness for the whole global batch, drawn identically on every process; this
+        # process keeps its slice (see the module docstring).
+        b = args.batch_size
+        if loss_aware is not None:
+            t_all, w_all = loss_aware.sample(b, device, generator)
+        else:
+            t_all, w_all = diffusion.sample_timesteps(b, device, generator), torch.ones(b, device=device)
+        r = config["image_size"]
+        noise_all = torch.randn((b, 3, r, r), generator=generator, device=device)
+        drop_all = torch.rand(b, generator=generator, device=device) < args.uncond_p
+        mix_all = torch.rand(b, generator=generator, device=device)  # WGAN-GP interpolation
+        mine = slice(rank * local_batch, (rank + 1) * local_batch)
+        t, weights, noise, drop, mix = t_all[mine], w_all[mine], noise_all[mine], drop_all[mine], mix_all[mine]
+        x0 = batch["image"].to(device)
+        cond, _ = model_condition(model, batch, device, drop)
+
+        terms, per_sample, fakes = {}, [], []
+        chunks = [slice(i, min(i + micro, local_batch)) for i in range(0, local_batch, micro)]
+        for i, sl in enumerate(chunks):
+            kw = {k: v[sl] for k, v in cond.items()}
+            # DDP all-reduces gradients in the backward; only the last micro-batch needs it.
+            sync = contextlib.nullcontext() if (world == 1 or i == len(chunks) - 1) else net.no_sync()
+            with sync:
+                with autocast:
+                    losses = diffusion.training_losses(lambda x, s: net(x, s, **kw), x0[sl], t[sl], noise[sl])
+                    total = losses["loss"]
+                    if vgg is not None:
+                        losses["perceptual"] = vgg(losses["pred_xstart"], x0[sl]).float()
+                        total = total + args.perc_weight * losses["perceptual"]
+                    if disc is not None:
+                        with torch.autocast(device.type, enabled=False):  # the critic runs in fp32
+                            losses["adv"] = generator_loss(disc, losses["pred_xstart"].float(), args.gan_loss)
+                        total = total + args.adv_weight * losses["adv"]
+                loss = (total * weights[sl]).sum() / local_batch
+                scaler.scale(loss).backward()
+            per_sample.append(total.detach().float())
+            losses["diffusion"], losses["loss"] = losses["loss"], total
+            for k in ("loss", "diffusion", "mse", "vb", "perceptual", "adv"):
+                if k in losses:
+                    terms[k] = terms.get(k, 0.0) + losses[k].detach().float().sum()
+            if disc is not None:
+                fakes.append(losses["pred_xstart"].detach().float())
+
+        # The optimizer step, unless some gradient is inf/NaN (then skip it and say so).
+        if scaler.is_enabled():
+            scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            scaler.step(opt)
+            rate = min(args.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema_params, params):
+                    e.lerp_(p, 1 - rate)
+        elif master:
+            tqdm.write(f"step {step + 1}: non-finite loss or gradient (norm {grad_norm.item()}), step skipped",
+                       file=sys.stderr)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+
+        # The discriminator's step, on this step's (detached) predicted x0 against real images.
+        if disc is not None:
+            disc.requires_grad_(True)
+            for sl, fake in zip(chunks, fakes):
+                d_loss = discriminator_loss(disc, x0[sl].float(), fake, args.gan_loss, mix[sl])
+                (d_loss * len(fake) / local_batch).backward()
+                terms["disc"] = terms.get("disc", 0.0) + d_loss.detach() * len(fake)
+            grads = [p.grad for p in disc.parameters()]
+            if world > 1:  # average the critic's gradients over the processes (no DDP: double backward)
+                for g in grads:
+                    dist.all_reduce(g)
+                    g.div_(world)
+            if all(bool(torch.isfinite(g).all()) for g in grads):
+                disc_opt.step()
+            disc_opt.zero_grad(set_to_none=True)
+            disc.requires_grad_(False)
+
+        # Loss-aware sampling learns from the losses of the whole global batch.
+        if loss_aware is not None:
+            mine_losses = torch.cat(per_sample)
+            if world > 1:
+                gathered = [torch.empty_like(mine_losses) for _ in range(world)]
+                dist.all_gather(gathered, mine_losses)
+                mine_losses = torch.cat(gathered)
+            loss_aware.update(t_all.cpu(), mine_losses.cpu())
+
+        # Log the global batch's mean of every term.
+        keys = sorted(terms)
+        values = torch.stack([torch.as_tensor(terms[k], device=device).float() for k in keys])
+        if world > 1:
+            dist.all_reduce(values)
+        record = {k: v / args.batch_size for k, v in zip(keys, values.tolist())}
+        record.update(step=step + 1, grad_norm=grad_norm.item(), lr=args.lr, skipped=not finite)
+        elapsed = time.perf_counter() - t0
+        if step > start:  # the first step pays for warm-up (allocations, kernel compilation)
+            timed_samples, timed_seconds = timed_samples + args.batch_size, timed_seconds + elapsed
+        if master:
+            log.write(json.dumps(record) + "\n")
+            bar.update(1)
+            if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
+                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview,
+                             args.sample_steps, args, device, autocast)
+            if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+                path = os.path.join(args.out, "latest.pt")
+                save_checkpoint(checkpoint_state(step + 1), path)
+                if args.keep_every and (step + 1) % args.keep_every == 0:
+                    save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, f"step_{step + 1:06d}.pt"))
+    bar.close()
+    if master:
+        log.close()
+        if timed_seconds > 0:
+            print(f"{timed_samples / timed_seconds:.2f} samples/s (global, steps after the first)")
+        if cuda:
+            print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        train(args)
+    except (TrainError, CheckpointError, DataError, DiffusionError, ModelError, PerceptualError, ToyWorldError) as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a full disk while writing a checkpoint (the previous one stays intact)
+        sys.exit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}")
+
+
+if __name__ == "__main__":
+    main()
