@@ -86,3 +86,13 @@ def set_rng_state(generator, state):
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_weights(src, dst, dtype=torch.float16):
+    """Keep only what sampling and finetuning need: the config and the EMA weights (in `dtype`,
+    half the size of fp32), plus the run's stage, task and step. `nanopiti.load_model` and
+    `train.py --init` read the result; this is how the toy models in checkpoints/ were made."""
+    ckpt = load_checkpoint(src)
+    weights = ckpt.get("ema") or ckpt["model"]
+    save_checkpoint({"config": ckpt["config"], "model": {k: v.to(dtype) for k, v in weights.items()},
+                     "stage": ckpt["stage"], "task": ckpt.get("task"), "step": ckpt["step"]}, dst)

@@ -1,0 +1,70 @@
+"""The whole toy pipeline, one step per stage: text prior (base and upsampler) -> exported small
+checkpoints (as shipped in checkpoints/) -> stage 1 -> stage 2 -> adversarial upsampler ->
+guided sampling with sample.py. Keeps the README's toy commands honest."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import ablations
+import sample
+import train
+from nanopiti import load_model
+from nanopiti.checkpoint import export_weights, load_checkpoint
+
+STEP = ["--data", "toy", "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--sample-every", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_stage_then_sampling(tmp_path):
+    d = str(tmp_path)
+    train.main(STEP + ["--stage", "0", "--model", "base", "--out", f"{d}/prior"])
+    train.main(STEP + ["--stage", "0", "--model", "upsample", "--out", f"{d}/prior-up"])
+    export_weights(f"{d}/prior/latest.pt", f"{d}/toy_prior_base.pt")
+    export_weights(f"{d}/prior-up/latest.pt", f"{d}/toy_prior_upsample.pt")
+
+    # the exported file is the EMA in fp16 and loads as the same model
+    full, small = load_checkpoint(f"{d}/prior/latest.pt"), torch.load(f"{d}/toy_prior_base.pt", weights_only=True)
+    assert set(small) == {"config", "model", "stage", "task", "step"}
+    for k, v in full["ema"].items():
+        assert torch.equal(small["model"][k], v.half())
+    assert os.path.getsize(f"{d}/toy_prior_base.pt") < 0.3 * os.path.getsize(f"{d}/prior/latest.pt")
+    assert load_model(f"{d}/toy_prior_base.pt").config["kind"] == "glide"
+
+    train.main(STEP + ["--stage", "1", "--init", f"{d}/toy_prior_base.pt", "--out", f"{d}/s1"])
+    train.main(STEP + ["--stage", "2", "--init", f"{d}/s1/latest.pt", "--out", f"{d}/s2"])
+    train.main(STEP + ["--stage", "up", "--init", f"{d}/toy_prior_upsample.pt", "--random-vgg", "--out", f"{d}/up"])
+    export_weights(f"{d}/s2/latest.pt", f"{d}/toy_mask_base.pt")
+    export_weights(f"{d}/up/latest.pt", f"{d}/toy_mask_upsample.pt")
+
+    mask = os.path.join(os.path.dirname(ablations.__file__), "docs", "toy_mask.png")
+    code = sample.main(["--ckpt", f"{d}/toy_mask_base.pt", "--sr-ckpt", f"{d}/toy_mask_upsample.pt", "--cond", mask,
+                        "--num", "2", "--steps", "3", "--sr-steps", "3", "--out", f"{d}/out"])
+    assert code == 0
+    assert Image.open(f"{d}/out/toy_mask_0.png").size == (64, 64)
+    assert Image.open(f"{d}/out/toy_mask_grid.png").width > 3 * 64
+
+
+def test_ablation_plan_covers_the_papers_comparisons():
+    chains = ablations.plan(ablations.parse_args(["--steps", "10"]))
+    assert set(chains) == {"two-stage", "one-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
+                           "scratch-100", "up-diffusion", "up-perceptual", "up-full"}
+    # one-stage trains as many steps as stage 1 + stage 2 of the two-stage run, from the same prior
+    two, one = chains["two-stage"], chains["one-stage"]
+    assert [c[c.index("--stage") + 1] for c in two] == ["1", "2"] and one[0][one[0].index("--stage") + 1] == "2"
+    steps = lambda c: int(c[c.index("--max-steps") + 1])  # noqa: E731
+    assert steps(one[0]) == steps(two[0]) + steps(two[1])
+    assert one[0][one[0].index("--init") + 1] == two[0][two[0].index("--init") + 1]
+    # pretrained and scratch runs see the same share of the data
+    for pct in (25, 50):
+        limit = lambda c: c[c.index("--limit") + 1]  # noqa: E731
+        assert limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct)
