@@ -20,15 +20,6 @@ from nanopiti.toy import render_scene
 REFERENCE = "/work/shared/reference/label_colormap_182.json"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are small: torch's thread pool only adds overhead (a lot on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_coco_colormap_equals_reference_and_round_trips():
     with open(REFERENCE) as f:
         reference = np.array(json.load(f)["colors"], dtype=np.uint8)

@@ -27,15 +27,6 @@ from nanopiti.hed import HED
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tensors are small: torch's thread pool only adds overhead (a lot on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def blocky_labels(rng, h, w, n_classes, cell=16):
     """A label map of cell x cell blocks with random classes (so borders are few and known)."""
     small = rng.integers(0, n_classes, size=(h // cell + 1, w // cell + 1))

@@ -4,7 +4,6 @@ guided sampling with sample.py. Keeps the README's toy commands honest."""
 
 import os
 
-import pytest
 import torch
 from PIL import Image
 
@@ -15,14 +14,6 @@ from nanopiti import load_model
 from nanopiti.checkpoint import export_weights, load_checkpoint
 
 STEP = ["--data", "toy", "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--sample-every", "0"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_every_stage_then_sampling(tmp_path):
