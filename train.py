@@ -44,26 +44,23 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from nanopiti import ModelError, base_config, build_model, infer_config, load_model, toy_config
+from nanopiti import ModelError, build_model
 from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from nanopiti.data import DataError, PairedDataset, ToyDataset, collate_skip_none
+from nanopiti.batches import EpochIndexed, StepBatches, check_data, make_dataset, model_condition
+from nanopiti.data import DataError, collate_skip_none
 from nanopiti.diffusion import DiffusionError, GaussianDiffusion, LossAwareSampler, get_named_beta_schedule
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
 from nanopiti.guidance import make_guided_model_fn
-from nanopiti.model import TASK_CHANNELS, UNET_KEYS
+from nanopiti.model import TASK_CHANNELS
+from nanopiti.finetune import TrainError, initial_model
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
-from nanopiti.toy import ToyTokenizer, ToyWorldError
+from nanopiti.toy import ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
 DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
-TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOY_SCENES = 1800  # the toy world's training scenes (seeds 0..1799); validation uses the next ones
-
-
-class TrainError(ValueError):
-    """Bad input for training: the message says what is wrong and what to do."""
 
 
 def get_args(argv=None):
@@ -117,197 +114,6 @@ def get_args(argv=None):
     args.uncond_p = args.uncond_p if args.uncond_p is not None else (0.0 if args.stage == "up" else 0.2)
     args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# Models: what each stage starts from
-# ---------------------------------------------------------------------------------------------
-
-def template(args, kind, super_res):
-    """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
-    if args.model_size == "toy":
-        return toy_config(kind, super_res, args.task, n_vocab=ToyTokenizer().vocab_size)
-    return base_config(kind, super_res, args.task)
-
-
-def read_init(args):
-    """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
-    the head counts and image size of --model-size, which its weights do not record."""
-    try:
-        obj = torch.load(args.init, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"--init {args.init}: no such file; {INIT_HINT[args.stage]}") from None
-    except Exception as e:
-        raise TrainError(f"--init {args.init}: not a PyTorch checkpoint ({type(e).__name__}); {INIT_HINT[args.stage]}") from None
-    try:
-        if isinstance(obj, dict) and "config" in obj and "model" in obj:
-            return load_model(obj)
-        inferred = infer_config(obj)
-        hints = template(args, inferred["kind"], inferred["super_res"])
-        return load_model({"state_dict": obj, "config": hints})
-    except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
-        raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
-
-
-INIT_HINT = {
-    "1": "stage 1 expects a text prior: GLIDE's base.pt or a stage-0 checkpoint (python train.py --stage 0)",
-    "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
-    "up": "stage up expects GLIDE's upsample.pt or a stage-0 upsampler (python train.py --stage 0 --model upsample)",
-}
-
-
-def piti_from_prior(prior, args):
-    """A PITI model whose decoder is the text prior's UNet and whose task encoder is new."""
-    config = template(args, "piti", prior.config["super_res"])
-    config.update({k: prior.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule")})
-    if config["encoder_width"] != prior.config["xf_width"]:
-        raise TrainError(f"--init {args.init} has text width {prior.config['xf_width']} but a {args.model_size}-size "
-                         f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "
-                         f"need equal widths: pass --model-size {'full' if prior.config['xf_width'] == 512 else 'toy'}")
-    model = build_model(config)
-    unet = {k: v for k, v in prior.state_dict().items() if not k.startswith(TEXT_KEYS)}
-    model.decoder.load_state_dict(unet, strict=True)
-    return model
-
-
-def initial_model(args):
-    """The model a fresh run starts from, by stage."""
-    if args.stage == "0":
-        if args.init:
-            raise TrainError("stage 0 trains a text prior from scratch and takes no --init")
-        return build_model(template(args, "glide", args.model == "upsample"))
-    if not args.init:
-        raise TrainError(f"stage {args.stage} needs --init: {INIT_HINT[args.stage]}")
-    if args.stage == "2" and args.init == "scratch":
-        return build_model(template(args, "piti", False))
-    init = read_init(args)
-    super_res = init.config["super_res"]
-    if super_res != (args.stage == "up"):
-        have = "an upsampler" if super_res else "a base model"
-        raise TrainError(f"--init {args.init} is {have}; {INIT_HINT[args.stage]}")
-    if init.config["kind"] == "glide":
-        return piti_from_prior(init, args)
-    if args.stage == "1":
-        raise TrainError(f"--init {args.init} is already a PITI model; {INIT_HINT['1']}, or continue it with --stage 2")
-    if init.config["task"] != args.task:
-        raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
-    return init
-
-
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
-
-class SyntheticPairs(torch.utils.data.Dataset):
-    """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
-
-    def __init__(self, config, low_res, size=100_000):
-        self.config, self.low_res, self.size = config, low_res, size
-
-    def __len__(self):
-        return self.size
-
-    def set_epoch(self, epoch):
-        pass
-
-    def __getitem__(self, index):
-        g, c, r = torch.Generator().manual_seed(index), self.config, self.config["image_size"]
-        sample = {"image": torch.rand(3, r, r, generator=g) * 2 - 1}
-        if c["kind"] == "glide":
-            sample["tokens"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
-            sample["text_mask"] = torch.ones(c["text_ctx"], dtype=torch.bool)
-        else:
-            size = c["cond_size"]
-            sample["cond"] = torch.rand(c["cond_channels"], size, size, generator=g) * 2 - 1
-        if c["super_res"]:
-            sample["low_res"] = torch.rand(3, self.low_res, self.low_res, generator=g) * 2 - 1
-        return sample
-
-
-def low_res_size(config):
-    """The upsampler's input size: GLIDE's is 64 -> 256 (4x), the toy one 32 -> 64 (2x)."""
-    return 64 if config["image_size"] == 256 else config["image_size"] // 2
-
-
-def list_file(args, split):
-    """The list file of a split ("train" or "val"), or None for data made on the fly."""
-    explicit = args.train_list if split == "train" else args.val_list
-    if args.data == "synthetic" or (args.data == "toy" and not explicit):
-        return None
-    return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
-
-
-def check_data(args):
-    """Fail early, before loading any weights, when the training pairs are not there."""
-    path = list_file(args, "train")
-    if path is not None and not os.path.isfile(path):
-        root = os.path.dirname(path) or "."
-        where = "" if args.data == "toy" else " --root <where the dataset is> --out"
-        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
-                         f"python prepare_data.py --data {args.data}{where} {root}")
-
-
-def make_dataset(args, config, split):
-    """The training ("train") or preview ("val") dataset for this run."""
-    super_res, task = config["super_res"], args.task
-    kw = dict(resolution=config["image_size"], upsampler=super_res, low_res=low_res_size(config), seed=args.seed)
-    cond_size = config.get("cond_size", 128 if args.model_size == "toy" else 256)
-    path = list_file(args, split)
-    if args.data == "synthetic":
-        return SyntheticPairs(config, low_res_size(config))
-    if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
-        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, 1))
-        return ToyDataset(count, task, cond_size=cond_size, first_scene=first, **kw)
-    if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
-        return make_dataset(args, config, "train")
-    return PairedDataset(path, task, cond_size=cond_size, random_crop=split == "train",
-                         random_flip=split == "train", **kw)
-
-
-class EpochIndexed(torch.utils.data.Dataset):
-    """Reads keys (epoch, index): the augmentation of a sample depends on its epoch (set_epoch),
-    and a global batch may straddle two epochs, so the epoch travels with every index."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
-class StepBatches(torch.utils.data.Sampler):
-    """This process's share of the global batch of every step, from `start` on.
-
-    The sample stream is the concatenation of one random permutation per epoch (seeded by
-    (seed, epoch)); global batch k is its slice [k B, (k + 1) B) and process r takes the r-th of
-    `world` equal parts. So the data order depends only on the seed and the step: a resumed run
-    reads exactly what the uninterrupted run would have read, with any number of processes.
-    """
-
-    def __init__(self, n, global_batch, rank, world, seed, start, stop):
-        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
-        self.seed, self.start, self.stop = seed, start, stop
-        self._perms = {}
-
-    def __len__(self):
-        return self.stop - self.start
-
-    def _item(self, position):
-        epoch, i = divmod(position, self.n)
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
-        return epoch, int(self._perms[epoch][i])
-
-    def __iter__(self):
-        share = self.batch // self.world
-        for step in range(self.start, self.stop):
-            first = step * self.batch + self.rank * share
-            yield [self._item(p) for p in range(first, first + share)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,38 +175,6 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
-
-
-# ---------------------------------------------------------------------------------------------
-# One batch -> the model's conditioning
-# ---------------------------------------------------------------------------------------------
-
-def model_condition(model, batch, device, drop=None):
-    """(condition kwargs, null-condition kwargs) of a batch for the model's forward.
-
-    PITI: ref = the condition image; its null is all ones (as the released models).
-    GLIDE: tokens and mask of the caption; its null is the empty caption (all padding).
-    `drop` (B,) bool replaces the condition by the null one (classifier-free dropout)."""
-    config = model.config
-    if config["kind"] == "piti":
-        cond = {"ref": batch["cond"].to(device)}
-        null = {"ref": torch.ones_like(cond["ref"])}
-    else:
-        if "tokens" in batch:
-            tokens, mask = batch["tokens"], batch["text_mask"]
-        else:
-            tokenizer = ToyTokenizer()
-            pairs = [tokenizer.encode(c, config["text_ctx"]) for c in batch["caption"]]
-            tokens, mask = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-        cond = {"tokens": tokens.to(device), "mask": mask.to(device)}
-        null = {"tokens": torch.zeros_like(cond["tokens"]), "mask": torch.zeros_like(cond["mask"])}
-    if drop is not None:
-        for k in cond:
-            shape = (-1,) + (1,) * (cond[k].dim() - 1)
-            cond[k] = torch.where(drop.view(shape), null[k], cond[k])
-    if config["super_res"]:
-        cond["low_res"] = batch["low_res"].to(device)
-    return cond, null
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch
 
 import train
 from nanopiti import build_model, load_model, toy_config
+from nanopiti.batches import SyntheticPairs
 from nanopiti.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,14 +198,14 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypat
 
 
 def test_non_finite_step_is_skipped(tmp_path, monkeypatch, capsys):
-    real = train.SyntheticPairs.__getitem__
+    real = SyntheticPairs.__getitem__
 
     def poisoned(self, index):
         sample = real(self, index)
         sample["image"][0, 0, 0] = float("nan")
         return sample
 
-    monkeypatch.setattr(train.SyntheticPairs, "__getitem__", poisoned)
+    monkeypatch.setattr(SyntheticPairs, "__getitem__", poisoned)
     args = ["--stage", "2", "--init", "scratch", "--out", str(tmp_path), "--max-steps", "1"]
     train.main(FAST + args + ["--data", "synthetic", "--model-size", "toy"])
     assert "step skipped" in capsys.readouterr().err
