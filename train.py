@@ -101,7 +101,7 @@ def get_args(argv=None):
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--sample-steps", default="ddim25", help="respacing of the preview sampler")
+    p.add_argument("--sample-steps", default="50", help="respacing of the preview sampler")
     p.add_argument("--sample-w", type=float, default=0.5, help="NCF guidance strength of the previews")
     p.add_argument("--toy-scenes", type=int, default=TOY_SCENES)
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
