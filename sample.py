@@ -39,7 +39,7 @@ from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_f
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
 DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
-TOY_HINT = "python train.py --stage 1 --data toy"  # the README's quickstart makes both toy models
+TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prior (README: The toy models)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DIFFUSION_STEPS = 1000  # both PITI models were trained with 1000 diffusion steps
 # The released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention.
