@@ -26,7 +26,7 @@ generator that every process holds, and each process takes its slice: N processe
 one process would, and `--resume` continues bit for bit.
 
 A run writes to --out: latest.pt (the checkpoint, see nanopiti/checkpoint.py), log.jsonl (every
-loss term per step), samples/step_XXXXXX.png (condition | EMA sample | ground truth) and args.json.
+loss term per step), samples/step_NNNNNN.png (condition | EMA sample | ground truth) and args.json.
 """
 
 import argparse
@@ -97,7 +97,7 @@ def get_args(argv=None):
     p.add_argument("--vgg-weights", help="torchvision's vgg19-dcbccd4d.pth for the perceptual loss")
     p.add_argument("--random-vgg", action="store_true", help="random VGG features (offline toy runs only)")
     p.add_argument("--save-every", type=int, default=1000, help="save latest.pt every N steps and at the end (0: never)")
-    p.add_argument("--keep-every", type=int, default=0, help="also keep step_XXXXXX.pt every N steps")
+    p.add_argument("--keep-every", type=int, default=0, help="also keep step_NNNNNN.pt every N steps")
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--num-samples", type=int, default=4)
