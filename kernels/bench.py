@@ -7,7 +7,7 @@ For each case it times the forward and the forward+backward of every implementat
 triton.testing.do_bench (which flushes L2 between runs) and prints milliseconds, the speedup over
 the baseline (the case's first row), and the achieved GB/s (GroupNorm: the bytes a perfect kernel
 must move, x and y forward plus x, dy and dx backward) or TFLOP/s (attention: 4 B H Lq Lk D forward,
-2.5 times that backward) with the fraction of the GPU's peak. It ends with the issue's targets.
+2.5 times that backward) with the fraction of the GPU's peak. It ends with the targets we set ourselves (print_targets).
 
 Implementations. GroupNorm: `eager` = F.group_norm -> FiLM -> F.silu in the input dtype;
 `eager fp32` = GLIDE's GroupNorm32 (normalise in fp32, cast back) -> FiLM -> SiLU; `compile` =
@@ -126,10 +126,13 @@ def bench_attention(name, shape, dtype, impls, rows):
                              rate=flops / ms / 1e9, unit="TFLOP/s"))
 
 
-def print_table(rows):
-    bw_peak, flop_peak = _peaks()
+def print_header():
     print(f"{'case':<20} {'dtype':<6} {'pass':<8} {'impl':<13} {'ms':>8} {'speedup':>8} {'achieved':>16} {'% peak':>7}")
-    baseline = {}
+
+
+def print_rows(rows, baseline):
+    """Print rows as they are measured (a run cut short still shows its table so far)."""
+    bw_peak, flop_peak = _peaks()
     for r in rows:
         key = (r["case"], r["dtype"], r["pass_"])
         baseline.setdefault(key, r["ms"])
@@ -137,11 +140,11 @@ def print_table(rows):
         frac = f"{100 * r['rate'] / peak:6.1f}%" if peak else "    n/a"
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[r["dtype"]]
         print(f"{r['case']:<20} {dtype:<6} {r['pass_']:<8} {r['impl']:<13} {r['ms']:8.3f} "
-              f"{baseline[key] / r['ms']:7.2f}x {r['rate']:8.1f} {r['unit']:<7} {frac}")
+              f"{baseline[key] / r['ms']:7.2f}x {r['rate']:8.1f} {r['unit']:<7} {frac}", flush=True)
 
 
 def print_targets(rows):
-    """The issue's bf16 targets, checked on the largest GroupNorm and attention cases."""
+    """Our bf16 targets (not the issue's), checked on the largest GroupNorm and attention cases."""
     ms = {(r["case"], r["pass_"], r["impl"]): r["ms"] for r in rows if r["dtype"] == torch.bfloat16}
     rate = {(r["case"], r["pass_"], r["impl"]): r["rate"] for r in rows if r["dtype"] == torch.bfloat16}
     speedup = lambda case, p, base: ms[case, p, base] / ms[case, p, "triton"]  # noqa: E731
@@ -176,15 +179,21 @@ def main():
     gn_cases = GROUPNORM_CASES[:2] if args.quick else GROUPNORM_CASES
     attn_cases = ATTENTION_CASES[:2] if args.quick else ATTENTION_CASES
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    rows = []
+    rows, baseline = [], {}
+    print_header()
     for dtype in dtypes:
         for i, (name, shape, film) in enumerate(gn_cases):
             impls = ["eager", "eager fp32", "triton"] + (["compile"] if i < 2 else []) + ([] if args.quick else ["cuda"])
-            bench_groupnorm(name, shape, film, dtype, impls, rows)
+            new = []
+            bench_groupnorm(name, shape, film, dtype, impls, new)
+            print_rows(new, baseline)
+            rows += new
         for i, (name, shape) in enumerate(attn_cases):
             impls = ["sdpa", "glide einsum", "triton"] + (["compile"] if i == 0 else [])
-            bench_attention(name, shape, dtype, impls, rows)
-    print_table(rows)
+            new = []
+            bench_attention(name, shape, dtype, impls, new)
+            print_rows(new, baseline)
+            rows += new
     print_targets(rows)
 
 
