@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from PIL import Image
 
 import sample
 from nanopiti import load_model
 from nanopiti.data import ToyDataset
 from nanopiti.evaluate import HELDOUT_SEED0, evaluate_samples, get_segmenter
+from nanopiti.pictures import save_grid
 from nanopiti.toy import render_scene
 
 TOY_SCENES = 1800  # train.py's toy training set: layout seeds 0..1799
@@ -125,13 +125,8 @@ def upsample(path, cond, low_res, args):
 
 
 def grid(columns, path, rows=4):
-    """A picture: one column per N x 3 x H x W tensor in [-1, 1], one row per example."""
-    size = max(t.shape[-1] for t in columns)
-    pictures = []
-    for i in range(rows):
-        cells = [torch.nn.functional.interpolate(col[i:i + 1], size=(size, size), mode="nearest") for col in columns]
-        pictures.append(sample.grid_row([sample.to_uint8(c)[0] for c in cells]))
-    Image.fromarray(np.concatenate(pictures, axis=0)).save(path)
+    """The first `rows` examples of each N x 3 x H x W column, one row per example."""
+    save_grid([col[:rows] for col in columns], path)
 
 
 def evaluate(args):

@@ -2,7 +2,7 @@
 
     python prepare_data.py --data ade20k      --root ~/datasets [--download]
     python prepare_data.py --data coco        --root ~/datasets/coco [--download]
-    python prepare_data.py --data coco-sketch --root ~/datasets/coco [--hed-weights network-bsds500.pytorch]
+    python prepare_data.py --data coco-sketch --root ~/datasets/coco [--hed-weights checkpoints/network-bsds500.pytorch]
     python prepare_data.py --data diode       --root ~/datasets/diode [--download]
     python prepare_data.py --data toy         --root data/toy --num 2000
 
@@ -21,14 +21,8 @@ Outputs that already exist are reused (rerun after an interruption), unless --ov
 import argparse
 import functools
 import glob
-import hashlib
-import http.client
 import os
 import sys
-import tarfile
-import urllib.error
-import urllib.request
-import zipfile
 from multiprocessing import Pool
 
 import numpy as np
@@ -39,6 +33,7 @@ from tqdm import tqdm
 from nanopiti.conditions import encode_depth, encode_normal
 from nanopiti.data import (DataError, label_image_to_color, open_image, scene_condition_arrays,
                            shorter_side_size)
+from nanopiti.download import DownloadError, archive_problem, download, unpack
 from nanopiti.hed import HEDError, canny_edges, hed_sketch, load_hed
 
 
@@ -47,7 +42,7 @@ class PrepareError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------
-# Downloading: resumable, verified, then unpacked
+# Downloading (nanopiti/download.py: resumable, verified), then unpacking
 # ---------------------------------------------------------------------------------------------
 
 # name -> [(url, md5 or None, folder to unpack into (relative to --root), a glob that matches
@@ -71,83 +66,6 @@ ARCHIVES = {
 ARCHIVES["coco-sketch"] = ARCHIVES["coco"][:2]
 
 
-def download(url, dest, md5=None, chunk_size=1 << 20, timeout=60):
-    """Fetch `url` to `dest` with a progress bar, resuming a previous partial `dest`.part.
-
-    The partial file grows by HTTP Range requests ("bytes=<size>-"); a server that ignores
-    Range (status 200) makes us start over. The result must have the announced size, the known
-    md5 (if any) and be a readable archive before it is renamed to `dest`.
-    """
-    part = dest + ".part"
-    start = os.path.getsize(part) if os.path.exists(part) else 0
-    headers = {"User-Agent": "nanopiti-prepare-data"}
-    if start:
-        headers["Range"] = f"bytes={start}-"
-    total = None
-    try:
-        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code != 416 or not start:
-            raise PrepareError(f"{url}: HTTP {e.code} {e.reason}") from None
-        response = None  # 416: nothing left to send; is the partial file complete?
-        total = int(e.headers.get("Content-Range", "*/-1").rsplit("/", 1)[-1])
-    except (urllib.error.URLError, OSError) as e:
-        raise PrepareError(f"cannot reach {url} ({getattr(e, 'reason', e)}); check the network and rerun") from None
-    if response is not None:
-        with response:
-            if start and response.status != 206:
-                start = 0
-            length = response.headers.get("Content-Length")
-            total = start + int(length) if length is not None else None
-            with open(part, "ab" if start else "wb") as f, tqdm(
-                    total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=os.path.basename(dest)) as bar:
-                while True:
-                    try:
-                        chunk = response.read(chunk_size)
-                    except (OSError, http.client.HTTPException) as e:
-                        raise PrepareError(f"download of {url} interrupted at {f.tell()} bytes "
-                                           f"({type(e).__name__}); rerun the same command to resume") from None
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    size = os.path.getsize(part)
-    if total is not None and size != total:
-        if size > total:
-            os.remove(part)
-        raise PrepareError(f"download of {url} stopped at {size} of {total} bytes; rerun the same command to resume")
-    problem = verify_archive(part, dest, md5)
-    if problem:
-        os.remove(part)
-        raise PrepareError(f"{os.path.basename(dest)} is corrupt ({problem}); deleted it, rerun to download again")
-    os.replace(part, dest)
-
-
-def verify_archive(path, name, md5=None):
-    """Return None if the file at `path` (an archive called `name`) is intact, else why not."""
-    if md5:
-        digest = hashlib.md5()
-        with open(path, "rb") as f, tqdm(total=os.path.getsize(path), unit="B", unit_scale=True,
-                                          desc="md5 " + os.path.basename(name)) as bar:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-                bar.update(len(block))
-        if digest.hexdigest() != md5:
-            return f"md5 {digest.hexdigest()} instead of {md5}"
-    try:
-        if name.endswith(".zip"):
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()  # reads every member and checks its CRC
-            return f"member {bad} fails its CRC" if bad else None
-        with tarfile.open(path, "r:*") as t:
-            for _ in t:  # walks to the end of the gzip stream, which checks its CRC
-                pass
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
 def fetch(name, root):
     """Download and unpack the archives of dataset `name` that `root` does not hold yet."""
     for url, md5, into, provides in ARCHIVES[name]:
@@ -158,16 +76,8 @@ def fetch(name, root):
             continue
         os.makedirs(root, exist_ok=True)
         if not os.path.exists(archive):
-            download(url, archive, md5)
-        target = os.path.join(root, into)
-        if archive.endswith(".zip"):
-            with zipfile.ZipFile(archive) as z:
-                for member in tqdm(z.infolist(), desc="unzip " + os.path.basename(archive)):
-                    z.extract(member, target)
-        else:
-            with tarfile.open(archive, "r:*") as t:
-                for member in tqdm(t, desc="untar " + os.path.basename(archive)):
-                    t.extract(member, target, filter="data")
+            download(url, archive, md5, check=lambda path, name=archive: archive_problem(path, name))
+        unpack(archive, os.path.join(root, into))
         os.remove(archive)  # unpacked completely; the archive only costs disk space now
 
 
@@ -383,7 +293,8 @@ def prepare_coco_sketch(args):
         fn, workers = _sketch_pair, args.workers
         print("WARNING: no --hed-weights given: using the weight-free Canny edge detector instead of HED.\n"
               "WARNING: PITI's sketch checkpoints expect HED sketches (sniklaus/pytorch-hed, "
-              "network-bsds500.pytorch); Canny edges are only for training your own models.", file=sys.stderr)
+              "network-bsds500.pytorch: python -m nanopiti.download hed); Canny edges are only for training your own models.",
+              file=sys.stderr)
     lists, skipped = {}, []
     for split, images in found.items():
         jobs = [(p, args.out, split, args.size, args.overwrite) for p in images]
@@ -447,7 +358,7 @@ def main(argv=None):
                 raise PrepareError("the toy world is rendered, not downloaded; drop --download")
             fetch(args.data, args.root)
         PREPARE[args.data](args)
-    except (PrepareError, DataError, HEDError) as e:
+    except (PrepareError, DownloadError, DataError, HEDError) as e:
         sys.exit(f"error: {e}")
 
 

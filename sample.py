@@ -27,7 +27,6 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -35,6 +34,7 @@ from nanopiti import ModelError, base_config, build_model, load_model, toy_confi
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, GaussianDiffusion, get_named_beta_schedule
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
+from nanopiti.pictures import condition_picture, grid_row, to_uint8
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
@@ -222,26 +222,6 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
     return make_diffusion(model, steps).p_sample_loop(
         model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
         generator=generator, progress=progress)
-
-
-def to_uint8(x):
-    """B x C x H x W in [-1, 1] -> B x H x W x C uint8 (rounded, as PIL would store it)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def condition_picture(cond, size):
-    """A condition tensor as an RGB picture for the grid: the label map itself, the sketch's
-    distance field in gray, or the normal map of a depth condition."""
-    rgb = cond[:3] if len(cond) >= 3 else cond[:1].expand(3, -1, -1)
-    return np.asarray(Image.fromarray(to_uint8(rgb[None])[0]).resize((size, size), Image.NEAREST))
-
-
-def grid_row(pictures, gap=2):
-    """Pictures of one height side by side, separated by white columns."""
-    h = pictures[0].shape[0]
-    space = np.full((h, gap, 3), 255, np.uint8)
-    parts = [p for pic in pictures for p in (pic, space)][:-1]
-    return np.concatenate(parts, axis=1)
 
 
 # --- the command line ---

@@ -2,9 +2,9 @@
 many GPUs with torchrun.
 
     python train.py --stage 0 --data toy --model base        # text-to-image prior, from scratch
-    python train.py --stage 1 --data ade20k --init base.pt   # new task encoder, frozen decoder
+    python train.py --stage 1 --data ade20k --init checkpoints/base.pt   # new task encoder, frozen decoder
     python train.py --stage 2 --data ade20k --init runs/stage1-mask/latest.pt   # joint finetuning
-    python train.py --stage up --data ade20k --init upsample.pt --vgg-weights vgg19-dcbccd4d.pth
+    python train.py --stage up --data ade20k --init checkpoints/upsample.pt --vgg-weights checkpoints/vgg19-dcbccd4d.pth
     torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
 
 Stages:
@@ -37,11 +37,8 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 from nanopiti import ModelError, build_model
@@ -55,6 +52,7 @@ from nanopiti.guidance import make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
 from nanopiti.finetune import TrainError, initial_model
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
+from nanopiti.pictures import save_grid
 from nanopiti.toy import ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
@@ -144,12 +142,6 @@ def open_log(path, start):
     return open(path, "a")
 
 
-def to_uint8(x):
-    """C x H x W in [-1, 1] -> H x W x 3 uint8 (1 channel repeated; depth+normal: the normal)."""
-    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
 @torch.no_grad()
 def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
@@ -166,12 +158,8 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
         out = loop(model_fn, (n, 3, r, r), temperature=0.997 if config["super_res"] else 1.0,
                    device=device, generator=generator, progress=False)
     columns = ([batch["cond"]] if config["kind"] == "piti" else []) + ([batch["low_res"]] if config["super_res"] else [])
-    columns += [out.cpu(), batch["image"]]
-    tile = max(r, 64)
-    rows = [np.concatenate([to_uint8(F.interpolate(col[i:i + 1].float(), size=(tile, tile), mode="nearest")[0])
-                            for col in columns], axis=1) for i in range(n)]
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    save_grid(columns + [out, batch["image"]], path, size=max(r, 64))
     if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
@@ -196,7 +184,7 @@ def train(args):
 
     if args.stage == "0" and args.data not in ("toy", "synthetic"):
         raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
-                         "for real data start stage 1 from GLIDE's released base.pt")
+                         "for real data start stage 1 from GLIDE's released base.pt (python -m nanopiti.download glide-base)")
 
     check_data(args)
 
@@ -239,9 +227,8 @@ def train(args):
     vgg = disc = disc_opt = None
     if args.stage == "up" and args.perc_weight > 0:
         if not args.vgg_weights and not args.random_vgg:
-            raise TrainError("stage up's perceptual loss needs --vgg-weights vgg19-dcbccd4d.pth (torchvision's, from "
-                             "https://download.pytorch.org/models/vgg19-dcbccd4d.pth), or --random-vgg for offline "
-                             "toy runs, or --perc-weight 0")
+            raise TrainError("stage up's perceptual loss needs --vgg-weights checkpoints/vgg19-dcbccd4d.pth (python -m "
+                             "nanopiti.download vgg19), or --random-vgg for offline toy runs, or --perc-weight 0")
         if not args.vgg_weights and master:
             print("WARNING: --random-vgg: the perceptual loss uses RANDOM VGG features, not the paper's", file=sys.stderr)
         vgg = VGGPerceptual(args.vgg_weights, allow_random=args.random_vgg).to(device)

@@ -48,9 +48,11 @@ def read_init(args):
 
 
 INIT_HINT = {
-    "1": "stage 1 expects a text prior: GLIDE's base.pt or a stage-0 checkpoint (python train.py --stage 0)",
+    "1": ("stage 1 expects a text prior: GLIDE's base.pt (python -m nanopiti.download glide-base) or a stage-0 "
+          "checkpoint (python train.py --stage 0)"),
     "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
-    "up": "stage up expects GLIDE's upsample.pt or a stage-0 upsampler (python train.py --stage 0 --model upsample)",
+    "up": ("stage up expects GLIDE's upsample.pt (python -m nanopiti.download glide-upsample) or a stage-0 "
+           "upsampler (python train.py --stage 0 --model upsample)"),
 }
 
 

@@ -73,8 +73,8 @@ class VGGPerceptual(nn.Module):
                         m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * std)
                         m.bias.zero_()
         else:
-            raise PerceptualError("the perceptual loss needs VGG19 weights (vgg19-dcbccd4d.pth from "
-                                  "https://download.pytorch.org/models/vgg19-dcbccd4d.pth), or allow_random=True")
+            raise PerceptualError("the perceptual loss needs VGG19 weights (vgg19-dcbccd4d.pth: python -m "
+                                  "nanopiti.download vgg19), or allow_random=True")
         self.requires_grad_(False)
         self.eval()
 

@@ -6,16 +6,13 @@ image that matches its condition away from region borders.
 """
 
 import hashlib
-import http.server
 import io
 import os
 import subprocess
 import sys
-import threading
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -314,102 +311,7 @@ def test_toy_prepare_and_load(tmp_path, capsys):
 # The downloader, against a local HTTP server (127.0.0.1 only)
 # ---------------------------------------------------------------------------------------------
 
-class _Server:
-    """Serves one file; can ignore Range, or cut the body short, and records Range headers."""
-
-    def __init__(self, payload):
-        self.payload, self.ranges, self.ignore_range, self.cut_at = payload, [], False, None
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                header = self.headers.get("Range")
-                server.ranges.append(header)
-                start = int(header[len("bytes="):].rstrip("-")) if header and not server.ignore_range else 0
-                body = server.payload[start:]
-                if start >= len(server.payload) and header:
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(server.payload)}")
-                    self.end_headers()
-                    return
-                self.send_response(206 if start else 200)
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(server.payload) - 1}/{len(server.payload)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body if server.cut_at is None else body[: server.cut_at])
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/data.zip"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-def _zip_bytes(rng):
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
-        z.writestr("a/b.bin", rng.integers(0, 255, 50_000, dtype=np.uint8).tobytes())
-    return buf.getvalue()
-
-
-def test_download_resumes_verifies_and_restarts(tmp_path):
-    payload = _zip_bytes(np.random.default_rng(5))
-    md5 = hashlib.md5(payload).hexdigest()
-    server = _Server(payload)
-    try:
-        dest = str(tmp_path / "data.zip")
-        # a previous run left 40% behind: only the rest is requested
-        with open(dest + ".part", "wb") as f:
-            f.write(payload[: len(payload) * 2 // 5])
-        prepare_data.download(server.url, dest, md5, chunk_size=4096)
-        assert server.ranges[-1] == f"bytes={len(payload) * 2 // 5}-"
-        assert open(dest, "rb").read() == payload and not os.path.exists(dest + ".part")
-
-        # the connection drops halfway: a clear error, the partial file stays, a rerun resumes
-        os.remove(dest)
-        server.cut_at = len(payload) // 2
-        with pytest.raises(prepare_data.PrepareError, match="rerun"):
-            prepare_data.download(server.url, dest, md5, chunk_size=4096)
-        assert os.path.getsize(dest + ".part") == len(payload) // 2
-        server.cut_at = None
-        prepare_data.download(server.url, dest, md5, chunk_size=4096)
-        assert server.ranges[-1] == f"bytes={len(payload) // 2}-" and open(dest, "rb").read() == payload
-
-        # a server that ignores Range: start over, still correct
-        os.remove(dest)
-        with open(dest + ".part", "wb") as f:
-            f.write(b"x" * 100)
-        server.ignore_range = True
-        prepare_data.download(server.url, dest, md5, chunk_size=4096)
-        assert open(dest, "rb").read() == payload
-        server.ignore_range = False
-
-        # a complete partial file (server answers 416) is verified and kept
-        os.remove(dest)
-        with open(dest + ".part", "wb") as f:
-            f.write(payload)
-        prepare_data.download(server.url, dest, md5)
-        assert open(dest, "rb").read() == payload
-
-        # wrong md5 or a corrupt archive: refused, deleted
-        os.remove(dest)
-        with pytest.raises(prepare_data.PrepareError, match="md5"):
-            prepare_data.download(server.url, dest, "0" * 32)
-        assert not os.path.exists(dest + ".part") and not os.path.exists(dest)
-        server.payload = payload[:-30] + b"\0" * 30  # damaged central directory
-        with pytest.raises(prepare_data.PrepareError, match="corrupt"):
-            prepare_data.download(server.url, dest)
-    finally:
-        server.close()
-
-
-def test_download_flag_fetches_unpacks_and_prepares(tmp_path, capsys, monkeypatch):
+def test_download_flag_fetches_unpacks_and_prepares(tmp_path, capsys, monkeypatch, file_server):
     """--download end to end: a fixture ADE20K zip served locally in place of the official one."""
     rng = np.random.default_rng(6)
     src = tmp_path / "src"
@@ -420,17 +322,14 @@ def test_download_flag_fetches_unpacks_and_prepares(tmp_path, capsys, monkeypatc
             for name in files:
                 full = os.path.join(dirpath, name)
                 z.write(full, os.path.relpath(full, src))
-    server = _Server(buf.getvalue())
-    try:
-        url, md5, into, provides = prepare_data.ARCHIVES["ade20k"][0]
-        monkeypatch.setitem(prepare_data.ARCHIVES, "ade20k",
-                            [(server.url, hashlib.md5(buf.getvalue()).hexdigest(), into, provides)])
-        root, out = str(tmp_path / "root"), str(tmp_path / "out")
-        code, stdout, err = run(["--data", "ade20k", "--root", root, "--out", out, "--download"], capsys)
-        assert code == 0, err
-        assert len(open(f"{out}/train_mask.txt").read().splitlines()) == 3
-        assert not os.path.exists(f"{root}/data.zip")  # unpacked, archive removed
-        code, stdout, err = run(["--data", "ade20k", "--root", root, "--out", out, "--download"], capsys)
-        assert code == 0 and "already unpacked" in stdout and len(server.ranges) == 1
-    finally:
-        server.close()
+    server = file_server(buf.getvalue())
+    url, md5, into, provides = prepare_data.ARCHIVES["ade20k"][0]
+    monkeypatch.setitem(prepare_data.ARCHIVES, "ade20k",
+                        [(server.url, hashlib.md5(buf.getvalue()).hexdigest(), into, provides)])
+    root, out = str(tmp_path / "root"), str(tmp_path / "out")
+    code, stdout, err = run(["--data", "ade20k", "--root", root, "--out", out, "--download"], capsys)
+    assert code == 0, err
+    assert len(open(f"{out}/train_mask.txt").read().splitlines()) == 3
+    assert not os.path.exists(f"{root}/data.zip")  # unpacked, archive removed
+    code, stdout, err = run(["--data", "ade20k", "--root", root, "--out", out, "--download"], capsys)
+    assert code == 0 and "already unpacked" in stdout and len(server.ranges) == 1
