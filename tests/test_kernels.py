@@ -3,7 +3,8 @@
 Without a GPU these run under TRITON_INTERPRET=1 (set by conftest.py), so shapes are tiny; with a
 GPU the same tests run natively. bf16 attention is GPU-only: the interpreter's tl.dot computes
 bf16 operands wrongly (its numpy backend has no bf16), while fp16 and fp32 dots are exact there.
-tests/test_kernels_gpu.py repeats the comparisons at the model's real shapes on a GPU.
+tests/test_kernels_gpu.py repeats the comparisons at the model's real shapes on a GPU. The CUDA C++
+kernel is compiled here wherever nvcc exists (about two minutes); it runs only in the GPU tests.
 """
 
 import os
@@ -14,6 +15,7 @@ import torch
 
 import kernels
 from kernels.attention import attention_reference
+from kernels.cuda_ext import find_nvcc, nvcc_compile
 from kernels.groupnorm_silu import groupnorm_silu_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -174,3 +176,12 @@ def test_kernels_available_follows_env(monkeypatch, env, expect_cpu, expect_cuda
         monkeypatch.setenv("NANOPITI_KERNELS", env)
     assert kernels.kernels_available(torch.zeros(1)) is expect_cpu
     assert kernels.kernels_available(types.SimpleNamespace(is_cuda=True)) is expect_cuda
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")
+def test_cuda_source_compiles_with_nvcc(tmp_path):
+    """groupnorm_silu.cu against this PyTorch's headers, for sm_90, without a GPU."""
+    result = nvcc_compile(tmp_path / "groupnorm_silu.o")
+    assert result.returncode == 0, result.stderr[-3000:]
+    code = (tmp_path / "groupnorm_silu.o").read_bytes()
+    assert b"gn_stats_kernel" in code and b"gn_apply_kernel" in code  # device code for both kernels
