@@ -32,16 +32,15 @@ from PIL import Image
 
 from nanopiti import ModelError, base_config, build_model, load_model, toy_config
 from nanopiti.data import DataError, load_condition_image
-from nanopiti.diffusion import DiffusionError, GaussianDiffusion, get_named_beta_schedule
+from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
-from nanopiti.pictures import condition_picture, grid_row, to_uint8
+from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
 DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
 TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prior (README: The toy models)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-DIFFUSION_STEPS = 1000  # both PITI models were trained with 1000 diffusion steps
 # The released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention.
 DEFAULT_GUIDANCE = 0.3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -129,11 +128,6 @@ def output_stems(paths):
 
 # --- the pipeline ---
 
-def make_diffusion(model, spec):
-    """The model's noise schedule with 1000 training steps, respaced to `spec` for sampling."""
-    return GaussianDiffusion(get_named_beta_schedule(model.config["noise_schedule"], DIFFUSION_STEPS), spec)
-
-
 def _autocast(device, dtype):
     """Autocast in `dtype` on a GPU; the CPU always computes in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
@@ -200,14 +194,9 @@ def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="25
     null = encode(model, torch.ones_like(cond), dtype) if kind != "none" else {}
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), encode(model, cond, dtype), null,
                                     guidance, kind)
-    diffusion = make_diffusion(model, steps)
+    diffusion = model_diffusion(model.config["noise_schedule"], steps)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress)
-
-
-def quantize(x):
-    """[-1, 1] -> the nearest of the 256 values an 8-bit picture can hold, still in [-1, 1]."""
-    return ((x + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1
 
 
 def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997, generator=None,
@@ -219,7 +208,7 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
     size = model.config["image_size"]
     condition = {**encode(model, cond, dtype), "low_res": low_res}
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), condition, {}, 0.0, "none")
-    return make_diffusion(model, steps).p_sample_loop(
+    return model_diffusion(model.config["noise_schedule"], steps).p_sample_loop(
         model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
         generator=generator, progress=progress)
 
@@ -283,7 +272,7 @@ def check_options(args):
         raise SampleError("--sr-temperature must be in (0, 1.5]; PITI uses 0.997")
     for flag, spec in (("--steps", args.steps), ("--sr-steps", args.sr_steps)):
         try:  # a bad spec should fail now, not after loading the models
-            GaussianDiffusion(get_named_beta_schedule("linear", DIFFUSION_STEPS), spec)
+            model_diffusion("linear", spec)
         except DiffusionError as e:
             raise SampleError(f"{flag}: {e}") from None
 

@@ -46,7 +46,7 @@ from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
                                  set_rng_state)
 from nanopiti.batches import EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
-from nanopiti.diffusion import DiffusionError, GaussianDiffusion, LossAwareSampler, get_named_beta_schedule
+from nanopiti.diffusion import DiffusionError, LossAwareSampler, model_diffusion
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
 from nanopiti.guidance import make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
@@ -146,8 +146,7 @@ def open_log(path, start):
 def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
     config = ema.config
-    betas = get_named_beta_schedule(config["noise_schedule"], 1000)
-    sampler = GaussianDiffusion(betas, diffusion_steps)
+    sampler = model_diffusion(config["noise_schedule"], diffusion_steps)
     cond, null = model_condition(ema, batch, device)
     kind = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
     model_fn = make_guided_model_fn(ema, cond, null, args.sample_w, kind)
@@ -219,7 +218,7 @@ def train(args):
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None,
                                                     broadcast_buffers=False) if world > 1 else model
 
-    diffusion = GaussianDiffusion(get_named_beta_schedule(config["noise_schedule"], 1000))
+    diffusion = model_diffusion(config["noise_schedule"])
     loss_aware = LossAwareSampler(diffusion.num_timesteps) if args.schedule_sampler == "loss-aware" else None
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same on every process
 

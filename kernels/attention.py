@@ -57,6 +57,12 @@ _BWD_Q_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _tile_ptrs(X, b, h, offs_rows, offs_d, stride_b, stride_h, stride_row, stride_d):
+    """Pointers to rows `offs_rows` x columns `offs_d` of head h of batch b of a strided (B, H, L, D) tensor."""
+    return X + b * stride_b + h * stride_h + offs_rows[:, None] * stride_row + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, stride_kn, stride_vn,
                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK: tl.constexpr):
     """Fold one block of BLOCK_N keys/values into the running (acc, l, m) of BLOCK_M query rows."""
@@ -95,9 +101,9 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
     q = tl.load(q_ptrs, mask=(offs_m < Lq)[:, None], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -155,11 +161,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, qk_scale, sm_scale,
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = (offs_n < Lk)[:, None]
 
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd),
                 mask=mask_n, other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd),
                 mask=mask_n, other=0.0)
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
     do_ptrs = DO + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -224,14 +230,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, qk_scale, sm_scale,
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < Lq
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd),
                 mask=mask_m[:, None], other=0.0)
     rows = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # dO, dQ: contiguous
     do = tl.load(DO + rows, mask=mask_m[:, None], other=0.0)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (Lk // BLOCK_N) * BLOCK_N

@@ -64,6 +64,12 @@ def get_named_beta_schedule(name, num_steps):
     raise DiffusionError(f"unknown beta schedule {name!r}: use 'linear' or 'squaredcos_cap_v2'")
 
 
+def model_diffusion(noise_schedule, respacing=""):
+    """The process every GLIDE and PITI model was trained with: `noise_schedule` over 1000 steps,
+    respaced to `respacing` for sampling (training uses all 1000)."""
+    return GaussianDiffusion(get_named_beta_schedule(noise_schedule, 1000), respacing)
+
+
 def space_timesteps(num_timesteps, spec):
     """Sorted list of the original timesteps kept by a respacing spec.
 

@@ -12,9 +12,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 
+def _levels(x):
+    """[-1, 1] -> the 8-bit levels 0..255 (rounded, clamped), still a float tensor."""
+    return ((x.float() + 1) * 127.5).round().clamp(0, 255)
+
+
 def to_uint8(x):
-    """B x C x H x W in [-1, 1] -> B x H x W x C uint8 (rounded, clamped)."""
-    return ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """B x C x H x W in [-1, 1] -> B x H x W x C uint8."""
+    return _levels(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def quantize(x):
+    """[-1, 1] -> the nearest of the 256 values an 8-bit picture can hold, still in [-1, 1]: what a
+    picture saved to a file and read back holds (the upsampler was trained on such pictures)."""
+    return _levels(x) / 127.5 - 1
 
 
 def as_rgb(x):

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from nanopiti.data import _to_unit
-from nanopiti.pictures import as_rgb, condition_picture, save_grid, to_uint8
+from nanopiti.pictures import as_rgb, condition_picture, quantize, save_grid, to_uint8
 
 
 def test_to_uint8_inverts_the_data_path_byte_for_byte():
@@ -17,6 +17,13 @@ def test_to_uint8_inverts_the_data_path_byte_for_byte():
 def test_to_uint8_clamps_out_of_range_values():
     x = torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
     assert to_uint8(x).ravel().tolist() == [0, 0, 128, 255, 255]
+
+
+def test_quantize_is_a_round_trip_through_8_bits():
+    x = torch.linspace(-1.2, 1.2, 1001).view(1, 1, 1, -1)
+    levels = to_uint8(x).astype(np.float32).reshape(-1)
+    assert torch.equal(quantize(x).reshape(-1), torch.from_numpy(levels / 127.5 - 1))
+    assert torch.equal(quantize(quantize(x)), quantize(x))
 
 
 def test_as_rgb_shows_the_first_three_channels_or_gray():
