@@ -46,13 +46,14 @@ from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkp
                                  set_rng_state)
 from nanopiti.batches import EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
-from nanopiti.diffusion import DiffusionError, LossAwareSampler, model_diffusion
+from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
 from nanopiti.guidance import make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
 from nanopiti.finetune import TrainError, initial_model
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
+from nanopiti.timesteps import LossAwareSampler
 from nanopiti.toy import ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
@@ -246,8 +247,7 @@ def train(args):
         if scaler.is_enabled() and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         if loss_aware is not None and "sampler" in ckpt:
-            loss_aware._history = ckpt["sampler"]["history"].numpy().copy()
-            loss_aware._counts = ckpt["sampler"]["counts"].numpy().copy()
+            loss_aware.load_state_dict(ckpt["sampler"])
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
 
@@ -260,8 +260,7 @@ def train(args):
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         if loss_aware is not None:
-            state["sampler"] = {"history": torch.from_numpy(loss_aware._history.copy()),
-                                "counts": torch.from_numpy(loss_aware._counts.copy())}
+            state["sampler"] = loss_aware.state_dict()
         return state
 
     # Data: this process's slice of every global batch, from the resumed step on.

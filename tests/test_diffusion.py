@@ -9,10 +9,10 @@ import torch
 from nanopiti.diffusion import (
     DiffusionError,
     GaussianDiffusion,
-    LossAwareSampler,
     get_named_beta_schedule,
     space_timesteps,
 )
+from nanopiti.timesteps import LossAwareSampler
 
 REFERENCE = Path("/work/shared/reference/diffusion.pt")
 needs_reference = pytest.mark.skipif(not REFERENCE.exists(), reason="reference data not available")
