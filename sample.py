@@ -33,6 +33,7 @@ from PIL import Image
 from nanopiti import ModelError, base_config, build_model, load_model, toy_config
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
+from nanopiti.cuda_graph import graphed
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
 
@@ -150,37 +151,6 @@ def decoder_call(model, dtype, cuda_graph=False):
         with _autocast(x.device, dtype):
             return model.decoder(x, t, (pooled, tokens), low_res).float()
     return graphed(call) if cuda_graph else call
-
-
-def graphed(call):
-    """Run call(x, t, **condition) as a CUDA graph: captured at the first step, replayed after.
-
-    A sampling loop calls the decoder hundreds of times with the same shapes and the same
-    condition tensors; only x_t and t change. They are copied into the graph's input buffers and
-    the whole forward is launched at once. A new shape or condition means a new capture.
-    """
-    state = {}
-
-    def run(x, t, **condition):
-        key = (tuple(x.shape), tuple((name, id(v)) for name, v in condition.items()))
-        if state.get("key") != key:
-            inputs = {"x": x.clone(), "t": t.clone()}
-            # Warm up on a side stream first (Triton autotuning, cuBLAS workspaces), as capture requires.
-            stream = torch.cuda.Stream(x.device)
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(stream):
-                call(inputs["x"], inputs["t"], **condition)
-            torch.cuda.current_stream(x.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                output = call(inputs["x"], inputs["t"], **condition)
-            state.update(key=key, graph=graph, inputs=inputs, output=output)
-        state["inputs"]["x"].copy_(x)
-        state["inputs"]["t"].copy_(t)
-        state["graph"].replay()
-        return state["output"].clone()  # the next replay overwrites the graph's output buffer
-
-    return run
 
 
 def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",

@@ -42,12 +42,12 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from nanopiti import ModelError, build_model
-from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, open_log, rng_state,
+                                 save_checkpoint, set_rng_state)
 from nanopiti.batches import EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
-from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, discriminator_loss, generator_loss
+from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
 from nanopiti.guidance import make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
 from nanopiti.finetune import TrainError, initial_model
@@ -129,18 +129,6 @@ def setup_distributed():
     if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
-
-def open_log(path, start):
-    """log.jsonl for appending, without the records of steps after `start` (written after the
-    checkpoint that a resumed run continues from, and about to be redone)."""
-    kept = []
-    if start > 0 and os.path.isfile(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
-    with open(path, "w") as f:
-        f.writelines(kept)
-    return open(path, "a")
 
 
 @torch.no_grad()
@@ -353,20 +341,8 @@ def train(args):
 
         # The discriminator's step, on this step's (detached) predicted x0 against real images.
         if disc is not None:
-            disc.requires_grad_(True)
-            for sl, fake in zip(chunks, fakes):
-                d_loss = discriminator_loss(disc, x0[sl].float(), fake, args.gan_loss, mix[sl])
-                (d_loss * len(fake) / local_batch).backward()
-                terms["disc"] = terms.get("disc", 0.0) + d_loss.detach() * len(fake)
-            grads = [p.grad for p in disc.parameters()]
-            if world > 1:  # average the critic's gradients over the processes (no DDP: double backward)
-                for g in grads:
-                    dist.all_reduce(g)
-                    g.div_(world)
-            if all(bool(torch.isfinite(g).all()) for g in grads):
-                disc_opt.step()
-            disc_opt.zero_grad(set_to_none=True)
-            disc.requires_grad_(False)
+            terms["disc"] = critic_step(disc, disc_opt, [x0[sl].float() for sl in chunks], fakes, args.gan_loss,
+                                        [mix[sl] for sl in chunks], local_batch)
 
         # Loss-aware sampling learns from the losses of the whole global batch.
         if loss_aware is not None:

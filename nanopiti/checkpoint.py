@@ -17,8 +17,12 @@ must never destroy the previous one. So the new checkpoint goes to a temporary f
 folder, is flushed to the disk (fsync), and only then renamed over the old one with
 `os.replace`, which is atomic on POSIX and Windows: a reader sees either the old file or the new
 one, never half of one.
+
+A resumed run redoes the steps after its checkpoint, so `open_log` first drops their records
+from log.jsonl: every step is logged once.
 """
 
+import json
 import os
 
 import torch
@@ -70,6 +74,18 @@ def latest_checkpoint(out_dir):
     """The path of `out_dir`/latest.pt, or None when the run has not saved yet."""
     path = os.path.join(out_dir, "latest.pt")
     return path if os.path.isfile(path) else None
+
+
+def open_log(path, start):
+    """log.jsonl for appending, without the records of steps after `start` (written after the
+    checkpoint that a resumed run continues from, and about to be redone)."""
+    kept = []
+    if start > 0 and os.path.isfile(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return open(path, "a")
 
 
 def rng_state(generator):

@@ -75,3 +75,30 @@ def generator_loss(disc, fake, kind="wgan-gp"):
     (The same for both losses: hinge GANs also train the generator on -D(fake).)"""
     _check(kind)
     return -disc(fake).mean(dim=(1, 2, 3))
+
+
+def critic_step(disc, opt, reals, fakes, kind, mixes, batch_size):
+    """One step of the critic on this process's micro-batches; returns the summed loss (a tensor).
+
+    reals, fakes, mixes: lists of micro-batches (fakes detached from the generator), together
+    `batch_size` samples, so that the gradient is the batch mean whatever the micro-batching.
+    Under torchrun the gradients are averaged over the processes by hand: DDP cannot wrap a
+    network that WGAN-GP differentiates twice. A non-finite gradient skips the step.
+    """
+    disc.requires_grad_(True)
+    total = 0.0
+    for real, fake, mix in zip(reals, fakes, mixes):
+        loss = discriminator_loss(disc, real, fake, kind, mix)
+        (loss * len(fake) / batch_size).backward()
+        total = total + loss.detach() * len(fake)
+    grads = [p.grad for p in disc.parameters()]
+    if torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        for g in grads:
+            torch.distributed.all_reduce(g)
+            g.div_(world)
+    if all(bool(torch.isfinite(g).all()) for g in grads):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    disc.requires_grad_(False)  # until the next critic step: the generator's loss must not train it
+    return total
