@@ -115,9 +115,7 @@ def get_args(argv=None):
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Distributed setup, checkpoints, previews
-# ---------------------------------------------------------------------------------------------
+# --- distributed setup and previews ---
 
 def setup_distributed():
     """(rank, world size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python runs alone."""
@@ -153,9 +151,7 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
             f.writelines(c + "\n" for c in batch["caption"])
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
+# --- training ---
 
 def train(args):
     if args.no_kernels:
