@@ -31,9 +31,9 @@ import torch
 from PIL import Image
 
 from nanopiti import ModelError, base_config, build_model, load_model, toy_config
+from nanopiti.cuda_graph import graphed
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
-from nanopiti.cuda_graph import graphed
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
 

@@ -23,6 +23,7 @@ alternative: it needs no second backward pass through the critic.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 GAN_LOSSES = ("wgan-gp", "hinge")
@@ -92,11 +93,10 @@ def critic_step(disc, opt, reals, fakes, kind, mixes, batch_size):
         (loss * len(fake) / batch_size).backward()
         total = total + loss.detach() * len(fake)
     grads = [p.grad for p in disc.parameters()]
-    if torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
+    if dist.is_available() and dist.is_initialized():  # builds without torch.distributed lack is_initialized
         for g in grads:
-            torch.distributed.all_reduce(g)
-            g.div_(world)
+            dist.all_reduce(g)
+            g.div_(dist.get_world_size())
     if all(bool(torch.isfinite(g).all()) for g in grads):
         opt.step()
     opt.zero_grad(set_to_none=True)
