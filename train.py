@@ -44,9 +44,10 @@ from tqdm.auto import tqdm
 from nanopiti import ModelError, build_model
 from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, open_log, rng_state,
                                  save_checkpoint, set_rng_state)
-from nanopiti.batches import EpochIndexed, StepBatches, check_data, make_dataset, model_condition
+from nanopiti.batches import PROBE_PAIRS, EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
+from nanopiti.evaluate import condition_use
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
 from nanopiti.guidance import make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
@@ -149,6 +150,16 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
+
+
+@torch.no_grad()
+def measure_condition(ema, probe, device, autocast):
+    """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
+    noise-prediction error at t = 300, 500, 700 (nanopiti.evaluate.condition_use; 1 = ignored)."""
+    cond, null = model_condition(ema, probe, device)
+    with autocast:
+        use = condition_use(ema, probe["image"].to(device), cond, null)
+    return {t: round(v["ratio"], 4) for t, v in use.items()}
 
 
 # --- training ---
@@ -258,7 +269,8 @@ def train(args):
     if master:
         if args.sample_every > 0:
             val = make_dataset(args, config, "val")
-            preview = collate_skip_none([val[i] for i in range(min(args.num_samples, len(val)))])
+            probe = collate_skip_none([val[i] for i in range(min(PROBE_PAIRS, len(val)))])
+            preview = {k: v[:args.num_samples] for k, v in probe.items()}
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
@@ -360,14 +372,18 @@ def train(args):
         if step > start:  # the first step pays for warm-up (allocations, kernel compilation)
             timed_samples, timed_seconds = timed_samples + args.batch_size, timed_seconds + elapsed
         if master:
+            if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
+                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview,
+                             args.sample_steps, args, device, autocast)
+                if probe["image"].shape[0] >= 2:  # the measure swaps the conditions of two pairs
+                    record["condition"] = measure_condition(ema, probe, device, autocast)
+                    tqdm.write(f"step {step + 1}: wrong/right condition noise error " +
+                               ", ".join(f"{v:.3f} at t={t}" for t, v in record["condition"].items()))
             log.write(json.dumps(record) + "\n")
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
-            if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
-                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview,
-                             args.sample_steps, args, device, autocast)
             if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
                 path = os.path.join(args.out, "latest.pt")
                 save_checkpoint(checkpoint_state(step + 1), path)

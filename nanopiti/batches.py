@@ -13,6 +13,8 @@ from .data import PairedDataset, ToyDataset
 from .finetune import TrainError
 from .toy import ToyTokenizer
 
+PROBE_PAIRS = 16  # held-out pairs of train.py's condition measure (its previews: the first --num-samples)
+
 
 class SyntheticPairs(torch.utils.data.Dataset):
     """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
@@ -72,7 +74,7 @@ def make_dataset(args, config, split):
     if args.data == "synthetic":
         return SyntheticPairs(config, low_res_size(config))
     if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
-        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, 1))
+        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, PROBE_PAIRS))
         return ToyDataset(count, task, cond_size=cond_size, first_scene=first, **kw)
     if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
         return make_dataset(args, config, "train")

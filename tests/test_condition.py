@@ -1,0 +1,69 @@
+"""The condition measure (nanopiti.evaluate.condition_use): does a model listen to its condition?"""
+
+import pytest
+import torch
+
+from nanopiti import build_model, toy_config
+from nanopiti.diffusion import model_diffusion
+from nanopiti.evaluate import EvaluateError, condition_use
+
+
+class Oracle(torch.nn.Module):
+    """Knows x0 from its condition (ref = x0 plus a little noise), so it predicts the noise of x_t
+    almost exactly from the right condition and badly from another one: a model that listens."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"noise_schedule": "squaredcos_cap_v2"}
+        self.diffusion = model_diffusion(self.config["noise_schedule"])
+
+    def forward(self, x_t, t, ref=None):
+        abar = self.diffusion.alphas_cumprod.float()[t.long()].view(-1, 1, 1, 1)  # t: the 0..999 steps, as floats
+        eps = (x_t - abar.sqrt() * ref) / (1 - abar).sqrt()
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+
+def scenes(n=6, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+    return x0, g
+
+
+def test_oracle_listens():
+    x0, g = scenes()
+    ref = x0 + 0.01 * torch.randn(x0.shape, generator=g)
+    use = condition_use(Oracle(), x0, {"ref": ref}, {"ref": torch.ones_like(ref)})
+    assert sorted(use) == [300, 500, 700]
+    for t, v in use.items():
+        assert v["right"] < 1e-2 < v["wrong"], (t, v)
+        assert v["ratio"] == pytest.approx(v["wrong"] / v["right"]) and v["ratio"] > 20
+        assert v["null"] > v["right"]
+
+
+def test_model_that_ignores_its_condition():
+    """A toy PITI model whose decoder never reads the tokens or the pooled vector: ratio exactly 1."""
+    torch.manual_seed(0)
+    model = build_model(toy_config("piti")).eval()
+    with torch.no_grad():
+        for name, p in model.decoder.named_parameters():
+            if "encoder_kv" in name or "transformer_proj" in name:
+                p.zero_()
+            elif "out.2" in name:  # the zero-initialized output conv: give the model an output
+                p.normal_(0, 0.1)
+    x0, g = scenes(4)
+    ref = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
+    use = condition_use(model, x0, {"ref": ref}, {"ref": torch.ones_like(ref)}, timesteps=(500,))
+    assert use[500]["ratio"] == 1.0 and use[500]["right"] == use[500]["wrong"] == use[500]["null"] > 0
+
+
+def test_upsampler_keeps_its_low_res_and_needs_two_samples():
+    class LowResOnly(Oracle):  # reads only low_res: swapping conditions must not change it
+        def forward(self, x_t, t, ref=None, low_res=None):
+            return super().forward(x_t, t, ref=low_res)
+
+    x0, g = scenes()
+    cond = {"ref": torch.randn(x0.shape, generator=g), "low_res": x0 + 0.1 * torch.randn(x0.shape, generator=g)}
+    use = condition_use(LowResOnly(), x0, cond, {"ref": torch.ones_like(x0)}, timesteps=(500,))
+    assert use[500]["ratio"] == 1.0 and use[500]["null"] == use[500]["right"]
+    with pytest.raises(EvaluateError, match="at least two"):
+        condition_use(Oracle(), x0[:1], {"ref": x0[:1]}, {"ref": x0[:1]})
