@@ -28,18 +28,19 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from nanopiti import ModelError, base_config, build_model, load_model, toy_config
 from nanopiti.checkpoint import folder_problem
-from nanopiti.colormap import get_palette
+from nanopiti.colormap import color_to_labels, in_palette
 from nanopiti.cuda_graph import graphed
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
-from nanopiti.toy import TOY_CLASSES
+from nanopiti.toy import TOY_CLASSES, TOY_COLORS
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
@@ -120,26 +121,16 @@ def find_conditions(spec, task):
     return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
 
 
-def toy_unknown_classes(cond):
-    """The COCO class values in a color-coded mask (3 x H x W in [-1, 1]) that the toy world lacks
-    (its class i has COCO color i), and the share of pixels they cover."""
-    colors = torch.round((cond + 1) * 127.5).long()
-    packed = (colors[0] << 16 | colors[1] << 8 | colors[2]).flatten()
-    table = torch.from_numpy(get_palette("coco").astype("int64"))
-    keys = table[:, 0] << 16 | table[:, 1] << 8 | table[:, 2]
-    unknown = keys[len(TOY_CLASSES):]
-    classes = [len(TOY_CLASSES) + i for i, key in enumerate(unknown.tolist()) if (packed == key).any()]
-    return classes, torch.isin(packed, unknown).float().mean().item()
-
-
 def check_toy_defaults(args, paths, conds):
     """The default models are the toy world's: a mask with other classes gets an error that says so."""
     if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
         return
     for path, cond in zip(paths, conds):
-        classes, share = toy_unknown_classes(cond)
-        if classes:
-            listed = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else "")
+        colors = to_uint8(cond[None])[0]
+        unknown = in_palette(colors) & ~in_palette(colors, TOY_COLORS)  # toy class i has COCO color i
+        if unknown.any():
+            classes = [v for v in np.unique(color_to_labels(colors * unknown[..., None])).tolist() if v != 255]
+            listed, share = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else ""), unknown.mean()
             raise SampleError(
                 f"{path}: classes {listed} ({share:.0%} of the pixels) are unknown to the default models, which are the "
                 f"toy-world models ({DEFAULT_CKPT.name}, {DEFAULT_SR_CKPT.name}; 10 classes: {', '.join(TOY_CLASSES)}); "
