@@ -221,9 +221,12 @@ def train(args):
             raise TrainError(f"{resume} is a stage {ckpt['stage']} checkpoint ({what}, task {ckpt.get('task')}); "
                              f"this run is stage {args.stage}, task {args.task}: resume with those settings, "
                              f"or start a new run from it with --init")
-        if int(ckpt["step"]) >= args.max_steps:
-            raise TrainError(f"--resume {resume} is at step {ckpt['step']}: --max-steps {args.max_steps} leaves "
-                             "nothing to train; raise --max-steps to continue")
+        if int(ckpt["step"]) > args.max_steps:
+            raise TrainError(f"--resume {resume} is at step {ckpt['step']}, past --max-steps {args.max_steps}: "
+                             "raise --max-steps to continue it")
+        if int(ckpt["step"]) == args.max_steps:  # a finished run: rerunning its command changes nothing
+            print(f"{resume} is at step {args.max_steps} = --max-steps: nothing to train (raise --max-steps to continue)")
+            return
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
     else:
