@@ -63,7 +63,7 @@ def train_command(args, stage, out, init, steps, *extra):
     return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
             "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--seed", str(args.seed), "--save-every", str(steps), "--sample-every", "0", "--workers", "0",
-            *extra]
+            "--resume", "auto", *extra]
 
 
 def plan(args):

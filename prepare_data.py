@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from nanopiti.checkpoint import folder_problem
 from nanopiti.conditions import encode_depth, encode_normal
 from nanopiti.data import (DataError, label_image_to_color, open_image, scene_condition_arrays,
                            shorter_side_size)
@@ -121,7 +122,7 @@ def _mask_pair(job):
     if label.size != image.size:
         raise DataError(f"{label_path}: size {label.size} differs from its image {image.size}",
                         reason="size mismatch")
-    color = label_image_to_color(label.resize(new_size, Image.NEAREST), palette)
+    color = label_image_to_color(label.resize(new_size, Image.NEAREST), palette, name=label_path)
     _save(image.resize(new_size, Image.BICUBIC), os.path.join(out, rel_img), quality=95)
     _save(Image.fromarray(color), os.path.join(out, rel_lbl))
     return line, None
@@ -162,6 +163,9 @@ def _diode_pair(job):
             raise DataError(f"{path}: no such file", reason="missing file") from None
         except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{path}: unreadable ({e})") from None
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise DataError(f"{path}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite",
+                            reason="non-finite values")
         if arr.shape[:2] != (image.size[1], image.size[0]):
             raise DataError(f"{path}: shape {arr.shape} does not match its image {image.size}",
                             reason="size mismatch")
@@ -338,6 +342,19 @@ PREPARE = {"ade20k": prepare_ade20k, "coco": prepare_coco, "coco-sketch": prepar
            "diode": prepare_diode, "toy": prepare_toy}
 
 
+def check_args(args):
+    """Every option, checked before any work starts: one line naming the option and what to do."""
+    for name in ("size", "workers", "num"):
+        if getattr(args, name) < 1:
+            raise PrepareError(f"--{name} {getattr(args, name)}: must be at least 1")
+    if os.path.exists(args.root) and not os.path.isdir(args.root):
+        raise PrepareError(f"--root {args.root} is a file; give the folder that holds (or will hold) the dataset")
+    for flag, folder in (("--out", args.out), ("--root", args.root if args.download else None)):
+        problem = folder and folder_problem(folder)
+        if problem:
+            raise PrepareError(f"{flag} {folder}: {problem}; give a folder that can be written")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True, choices=sorted(PREPARE))
@@ -353,6 +370,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.out = args.out or (args.root if args.data == "toy" else os.path.join("data", args.data))
     try:
+        check_args(args)
         if args.download:
             if args.data == "toy":
                 raise PrepareError("the toy world is rendered, not downloaded; drop --download")

@@ -21,21 +21,26 @@ graph: at 64x64 the GPU finishes the work faster than Python can launch its kern
 """
 
 import argparse
+import math
 import os
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from nanopiti import ModelError, base_config, build_model, load_model, toy_config
+from nanopiti.checkpoint import folder_problem
+from nanopiti.colormap import color_to_labels, in_palette
 from nanopiti.cuda_graph import graphed
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
+from nanopiti.toy import TOY_CLASSES, TOY_COLORS
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
@@ -116,6 +121,24 @@ def find_conditions(spec, task):
     return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
 
 
+def check_toy_defaults(args, paths, conds):
+    """The default models are the toy world's: a mask with other classes gets an error that says so."""
+    if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
+        return
+    for path, cond in zip(paths, conds):
+        colors = to_uint8(cond[None])[0]
+        unknown = in_palette(colors) & ~in_palette(colors, TOY_COLORS)  # toy class i has COCO color i
+        if unknown.any():
+            classes = [v for v in np.unique(color_to_labels(colors * unknown[..., None])).tolist() if v != 255]
+            listed, share = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else ""), unknown.mean()
+            raise SampleError(
+                f"{path}: classes {listed} ({share:.0%} of the pixels) are unknown to the default models, which are the "
+                f"toy-world models ({DEFAULT_CKPT.name}, {DEFAULT_SR_CKPT.name}; 10 classes: {', '.join(TOY_CLASSES)}); "
+                "for real masks pass PITI's released COCO-Stuff models (linked from the PITI-Synthesis/PITI "
+                "repository): --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --palette coco; or train your own from "
+                "GLIDE's prior (python -m nanopiti.download glide-base glide-upsample, then train.py)")
+
+
 def output_stems(paths):
     """A distinct file-name stem per condition: "a/x.png" -> "x" (depth: "x_depth.png" -> "x")."""
     stems, seen = [], {}
@@ -125,6 +148,20 @@ def output_stems(paths):
         seen[stem] = seen.get(stem, 0) + 1
         stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return stems
+
+
+def output_files(out, paths, num):
+    """Per condition: ([its sample files], its grid file); never one of the condition files."""
+    if out.suffix.lower() == ".png":
+        outputs = [([out], out.with_name(out.stem + "_grid.png"))]
+    else:
+        outputs = [([out / f"{stem}_{k}.png" for k in range(num)], out / f"{stem}_grid.png")
+                   for stem in output_stems(paths)]
+    inputs = {Path(p).resolve() for entry in paths for p in entry.split(",")}
+    clash = next((f for names, grid in outputs for f in names + [grid] if f.resolve() in inputs), None)
+    if clash is not None:
+        raise SampleError(f"--out {out} would overwrite the condition {clash}; give another --out")
+    return outputs
 
 
 # --- the pipeline ---
@@ -236,8 +273,8 @@ def check_options(args):
     for name in ("num", "batch_size"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.guidance < 0:
-        raise SampleError("--guidance must be >= 0 (0 = the plain conditional model)")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise SampleError(f"--guidance {args.guidance}: must be a number >= 0 (0 = the plain conditional model)")
     if not 0 < args.sr_temperature <= 1.5:
         raise SampleError("--sr-temperature must be in (0, 1.5]; PITI uses 0.997")
     for flag, spec in (("--steps", args.steps), ("--sr-steps", args.sr_steps)):
@@ -245,6 +282,15 @@ def check_options(args):
             model_diffusion("linear", spec)
         except DiffusionError as e:
             raise SampleError(f"{flag}: {e}") from None
+    if not args.bench:  # the outputs must be writable before any sampling, or the samples are lost
+        out = Path(args.out)
+        single_file = out.suffix.lower() == ".png"
+        if single_file and out.is_dir():
+            raise SampleError(f"--out {out} is a folder; give a new .png file name or the folder without .png")
+        problem = folder_problem(out.parent if single_file else out)
+        if problem:
+            raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
+                              "that can be written")
 
 
 def run(args, device, dtype):
@@ -262,10 +308,14 @@ def run(args, device, dtype):
     if single_file and (len(paths) > 1 or args.num > 1):
         raise SampleError(f"--out {out} is one file but {len(paths) * args.num} samples are asked for; "
                           "give a folder")
+    folder = out.parent if single_file else out
+    outputs = output_files(out, paths, args.num)
 
     # Every condition is read before any sampling, so a bad file fails fast.
     sizes = {base.config["cond_size"]} | ({sr.config["cond_size"]} if sr else set())
     conds = [{s: load_condition_image(p, task, args.palette, size=s) for s in sizes} for p in paths]
+    if task == "mask":
+        check_toy_defaults(args, paths, [c[base.config["cond_size"]] for c in conds])
     base.to(device)
     if sr:
         sr.to(device)
@@ -293,13 +343,10 @@ def run(args, device, dtype):
                 samples[i].append(picture)
     elapsed = time.time() - start
 
-    folder = out.parent if single_file else out
     folder.mkdir(parents=True, exist_ok=True)
-    for i, stem in enumerate(output_stems(paths)):
-        names = [out] if single_file else [folder / f"{stem}_{k}.png" for k in range(args.num)]
+    for i, (names, grid) in enumerate(outputs):
         for name, picture in zip(names, samples[i]):
             Image.fromarray(picture).save(name)
-        grid = out.with_name(out.stem + "_grid.png") if single_file else folder / f"{stem}_grid.png"
         picture = condition_picture(conds[i][base.config["cond_size"]], size)
         Image.fromarray(grid_row([picture] + samples[i])).save(grid)
     print(f"wrote {len(items)} sample(s) and {len(paths)} grid(s) to {folder} "

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -42,8 +43,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from nanopiti import ModelError, build_model
-from nanopiti.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, open_log, rng_state,
-                                 save_checkpoint, set_rng_state)
+from nanopiti.checkpoint import (CheckpointError, folder_problem, latest_checkpoint, load_checkpoint, open_log,
+                                 rng_state, run_lock, save_checkpoint, set_rng_state)
 from nanopiti.batches import PROBE_PAIRS, EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
@@ -109,11 +110,44 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.task = args.task or DATA_TASK.get(args.data, "mask")
     args.model_size = args.model_size or ("toy" if args.data == "toy" else "full")
-    args.batch_size = args.batch_size or (8 if args.model_size == "toy" else 128)
+    args.batch_size = args.batch_size if args.batch_size is not None else (8 if args.model_size == "toy" else 128)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.stage]
     args.uncond_p = args.uncond_p if args.uncond_p is not None else (0.0 if args.stage == "up" else 0.2)
     args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
     return args
+
+
+def check_args(args):
+    """Every option, checked before any work starts: one line naming the option and what to do."""
+    def need(ok, name, what):
+        if not ok:
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(args, name)}: {what}")
+
+    for name in ("max_steps", "batch_size", "log_every", "num_samples", "toy_scenes"):
+        need(getattr(args, name) >= 1, name, "must be at least 1")
+    for name in ("micro_batch", "limit"):
+        need(getattr(args, name) is None or getattr(args, name) >= 1, name, "must be at least 1 (or left out)")
+    for name in ("workers", "save_every", "keep_every", "sample_every"):
+        need(getattr(args, name) >= 0, name, "must be 0 or more")
+    for name in ("lr", "disc_lr"):
+        need(math.isfinite(getattr(args, name)) and getattr(args, name) > 0, name, "a learning rate must be a number > 0")
+    for name in ("weight_decay", "grad_clip", "perc_weight", "adv_weight", "sample_w"):
+        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name, "must be a number >= 0")
+    need(0 <= args.ema < 1, "ema", "the EMA decay must be in [0, 1) (default 0.9999)")
+    need(0 <= args.uncond_p <= 1, "uncond_p", "a probability must be in [0, 1]")
+    if args.sample_every > 0:  # the previews' sampler, parsed now rather than at the first preview
+        try:
+            model_diffusion("linear", args.sample_steps)
+        except DiffusionError as e:
+            raise TrainError(f"--sample-steps: {e}") from None
+    problem = folder_problem(args.out)
+    if problem:
+        raise TrainError(f"--out {args.out}: {problem}; give a folder this run can write to")
+    if not args.resume:  # a fresh run never wipes another run's log and checkpoint
+        found = [n for n in ("latest.pt", "log.jsonl", "args.json") if os.path.exists(os.path.join(args.out, n))]
+        if found:
+            raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
+                             "--resume auto, or give a new --out")
 
 
 # --- distributed setup and previews ---
@@ -188,12 +222,22 @@ def train(args):
     ckpt = load_checkpoint(resume) if resume else None
     torch.manual_seed(args.seed)
     if ckpt is not None:
+        missing = [k for k in ("ema", "optimizer", "rng") if k not in ckpt]
+        if missing:
+            raise TrainError(f"--resume {resume}: it holds weights only (an exported model, no {', '.join(missing)}); "
+                             f"start a new run from it with --init {resume}")
         what = f"{ckpt['config']['kind']} {'upsampler' if ckpt['config']['super_res'] else 'base'}"
         if str(ckpt["stage"]) != args.stage or ckpt.get("task") != args.task or (
                 args.stage == "0" and ckpt["config"]["super_res"] != (args.model == "upsample")):
             raise TrainError(f"{resume} is a stage {ckpt['stage']} checkpoint ({what}, task {ckpt.get('task')}); "
                              f"this run is stage {args.stage}, task {args.task}: resume with those settings, "
                              f"or start a new run from it with --init")
+        if int(ckpt["step"]) > args.max_steps:
+            raise TrainError(f"--resume {resume} is at step {ckpt['step']}, past --max-steps {args.max_steps}: "
+                             "raise --max-steps to continue it")
+        if int(ckpt["step"]) == args.max_steps:  # a finished run: rerunning its command changes nothing
+            print(f"{resume} is at step {args.max_steps} = --max-steps: nothing to train (raise --max-steps to continue)")
+            return
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
     else:
@@ -352,8 +396,8 @@ def train(args):
             terms["disc"] = critic_step(disc, disc_opt, [x0[sl].float() for sl in chunks], fakes, args.gan_loss,
                                         [mix[sl] for sl in chunks], local_batch)
 
-        # Loss-aware sampling learns from the losses of the whole global batch.
-        if loss_aware is not None:
+        # Loss-aware sampling learns from the losses of the whole global batch (of finite steps only).
+        if loss_aware is not None and finite:
             mine_losses = torch.cat(per_sample)
             if world > 1:
                 gathered = [torch.empty_like(mine_losses) for _ in range(world)]
@@ -385,6 +429,8 @@ def train(args):
                 log.flush()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
+                log.flush()  # the log lines of the steps this checkpoint covers reach the disk first
+                os.fsync(log.fileno())
                 path = os.path.join(args.out, "latest.pt")
                 save_checkpoint(checkpoint_state(step + 1), path)
                 if args.keep_every and (step + 1) % args.keep_every == 0:
@@ -404,7 +450,10 @@ def train(args):
 def main(argv=None):
     args = get_args(argv)
     try:
-        train(args)
+        check_args(args)
+        master = int(os.environ.get("RANK", "0")) == 0  # torchrun's process 0 writes --out and holds its lock
+        with run_lock(args.out) if master else contextlib.nullcontext():
+            train(args)
     except (TrainError, CheckpointError, DataError, DiffusionError, ModelError, PerceptualError, ToyWorldError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while writing a checkpoint (the previous one stays intact)

@@ -60,7 +60,7 @@ def check_data(args):
     path = list_file(args, "train")
     if path is not None and not os.path.isfile(path):
         root = os.path.dirname(path) or "."
-        where = "" if args.data == "toy" else " --root <where the dataset is> --out"
+        where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
         raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
                          f"python prepare_data.py --data {args.data}{where} {root}")
 

@@ -19,11 +19,20 @@ folder, is flushed to the disk (fsync), and only then renamed over the old one w
 one, never half of one.
 
 A resumed run redoes the steps after its checkpoint, so `open_log` first drops their records
-from log.jsonl: every step is logged once.
+from log.jsonl: every step is logged once. (train.py flushes the log before every save, so the
+steps a checkpoint covers are on disk; a line torn by a kill is dropped.)
+
+One run per folder: `run_lock` holds `<out>/lock` (the owner's process id) while a run writes
+there; a second process is refused, a lock left by a killed process is taken over, and the
+temporary files of dead processes (`latest.pt.<pid>.tmp`) are removed.
 """
 
+import contextlib
 import json
 import os
+import re
+import shutil
+import sys
 
 import torch
 
@@ -43,10 +52,17 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a half-written temporary behind
+    except BaseException as e:  # also KeyboardInterrupt: never leave a half-written temporary behind
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        # A failed write (full disk, quota): torch.save raises a RuntimeError whose context is the OSError.
+        cause = next((c for c in (e, e.__context__) if isinstance(c, OSError)), None)
+        if cause is None and not isinstance(e, RuntimeError):
+            raise
+        free = shutil.disk_usage(folder).free / 2**20
+        raise CheckpointError(f"{path}: not written ({cause.strerror if cause else str(e).splitlines()[0]}; "
+                              f"{free:.0f} MiB free on its disk); the file there before, if any, is intact: "
+                              "free space and run again (train.py: --resume auto)") from None
     # The rename itself lives in the folder's metadata: sync it too, where the OS allows it.
     if hasattr(os, "O_DIRECTORY"):
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -78,14 +94,93 @@ def latest_checkpoint(out_dir):
 
 def open_log(path, start):
     """log.jsonl for appending, without the records of steps after `start` (written after the
-    checkpoint that a resumed run continues from, and about to be redone)."""
+    checkpoint that a resumed run continues from, and about to be redone). A last line torn by a
+    kill is dropped; any other unreadable line is an error."""
     kept = []
     if start > 0 and os.path.isfile(path):
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start]
+            lines = [line for line in f if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                if number == len(lines):
+                    break  # torn by a kill while it was written: its step is redone
+                raise CheckpointError(f"{path}: line {number} is not a log record; repair or remove that line, "
+                                      "then resume again") from None
+            if step <= start:
+                kept.append(line if line.endswith("\n") else line + "\n")
     with open(path, "w") as f:
         f.writelines(kept)
     return open(path, "a")
+
+
+def _alive(pid):
+    """Whether process `pid` runs (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder):
+    """Delete the `*.<pid>.tmp` files that `save_checkpoint` calls of processes that no longer run
+    (killed during a save): each may be as large as a checkpoint."""
+    for name in sorted(os.listdir(folder)):
+        match = re.search(r"\.(\d+)\.tmp$", name)
+        if match and not _alive(int(match.group(1))):
+            os.remove(os.path.join(folder, name))
+            print(f"removed {os.path.join(folder, name)}, left by process {match.group(1)} (killed during a save)",
+                  file=sys.stderr)
+
+
+@contextlib.contextmanager
+def run_lock(folder):
+    """Hold `folder`/lock while a run writes to `folder`: a second process is refused; a lock left
+    by a process that no longer runs is taken over, and its temporary files are removed. Folders
+    made for the lock are removed again if the run wrote nothing (it failed before it started)."""
+    made, parent = [], os.path.abspath(folder)
+    while not os.path.isdir(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "lock")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        with open(path) as f:
+            owner = f.read().strip()
+        if owner.isdigit() and _alive(int(owner)):
+            raise CheckpointError(f"{folder} is in use by another run (process {owner}, {path}); wait for it to "
+                                  "end or give another --out (remove the lock only if no such process runs)") from None
+        os.remove(path)  # stale: its process was killed
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        remove_stale_temporaries(folder)
+        yield
+    finally:
+        os.remove(path)
+        for empty in made:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(empty)
+
+
+def folder_problem(folder):
+    """Why files cannot be written into `folder` (created if missing), or None when they can.
+    Nothing is created: the deepest part of the path that exists must be a writable folder."""
+    path = os.path.abspath(folder)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file, not a folder"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"the folder {path} is not writable"
+    return None
 
 
 def rng_state(generator):

@@ -15,6 +15,8 @@ so neighbouring class indices get very different colors. Class 0 (COCO "person")
 Pixels whose value has no entry (COCO-Stuff's 255, "unlabeled") stay black, which is also how
 PITI's `Colorize` leaves them.
 
+The COCO palette has 183 entries, as the release's `labelcolormap(183)`: entry 182,
+(128, 224, 192), is no COCO-Stuff class, but the release's own example masks contain it.
 nanopiti uses the same map for ADE20K (class values 0..150, where 0 is ADE's "other"), so one
 palette serves both datasets; `tests/test_data.py` checks it against the reference JSON.
 """
@@ -22,6 +24,7 @@ palette serves both datasets; `tests/test_data.py` checks it against the referen
 import numpy as np
 
 NUM_COCO_CLASSES = 182  # COCO-Stuff: 0..181 (things and stuff), 255 = unlabeled
+COCO_PALETTE_SIZE = 183  # the release's labelcolormap(183): one entry more than the classes
 NUM_ADE20K_CLASSES = 151  # ADE20K challenge: 0..150, 0 = "other"
 UNLABELED = 255
 
@@ -42,7 +45,7 @@ def label_colormap(n):
 
 
 PALETTES = {
-    "coco": label_colormap(NUM_COCO_CLASSES),
+    "coco": label_colormap(COCO_PALETTE_SIZE),
     "ade20k": label_colormap(NUM_ADE20K_CLASSES),
 }
 

@@ -64,26 +64,26 @@ def open_image(path):
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
-def label_image_to_color(img, palette="coco"):
-    """A label map in any common form -> HxWx3 uint8 color-coded map.
+def label_image_to_color(img, palette="coco", name="label map"):
+    """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
 
     RGB(A): already color-coded, used as is (alpha dropped). Single channel (L, I, I;16): class
-    indices, colored with `palette`. Palette PNG: if its embedded colors are the PITI colors, it
-    is a color-coded map saved with a palette; otherwise its indices are the classes.
+    indices, colored with `palette`. Palette PNG: judged by its colors, like an RGB map; only when
+    every pixel's color is the gray of its own index (a class-index map saved as "P") are its
+    indices the classes.
     """
+    if img.mode == "P":
+        rgb = np.asarray(img.convert("RGB"))
+        if not (rgb == np.asarray(img)[..., None]).all():
+            return rgb
     if img.mode in ("RGB", "RGBA"):
         return np.asarray(img.convert("RGB"))
     if img.mode in ("L", "I", "I;16", "P"):
-        if img.mode == "P":
-            rgb = np.asarray(img.convert("RGB"))
-            if in_palette(rgb, palette).all():
-                return rgb
-            # otherwise the embedded palette is someone else's: its indices are the classes
         try:
             return labels_to_color(np.asarray(img), palette)
         except ValueError as e:
-            raise DataError(f"label map: {e}", reason="bad labels") from None
-    raise DataError(f"label map has mode {img.mode}; expected an RGB color-coded map or "
+            raise DataError(f"{name}: {e}", reason="bad labels") from None
+    raise DataError(f"{name} has mode {img.mode}; expected an RGB color-coded map or "
                     "single-channel class indices", reason="wrong channels")
 
 
@@ -246,7 +246,7 @@ class PairedDataset(torch.utils.data.Dataset):
         for p in cond_paths:
             img = open_image(p)
             if self.task == "mask":
-                conds.append(label_image_to_color(img, self.palette))
+                conds.append(label_image_to_color(img, self.palette, name=p))
             elif self.task == "sketch":
                 conds.append(np.asarray(img.convert("L")))
             elif img.mode in ("RGB", "RGBA"):
@@ -381,11 +381,9 @@ def load_condition_image(path, task, palette=None, size=256):
         gray = img.convert("L").resize((size, size), Image.NEAREST)
         return sketch_to_condition(binarize_sketch(gray))
     palette = palette or "coco"
-    if img.mode in ("RGB", "RGBA", "P"):
-        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette)
+    if img.mode in ("RGB", "RGBA", "P", "L", "I", "I;16"):
+        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette, name=path)
         _warn_off_palette(path, color, palette)
-    elif img.mode in ("L", "I", "I;16"):
-        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette)
     else:
         raise DataError(f"{path}: a label map must be RGB (color-coded) or single-channel class "
                         f"indices, got mode {img.mode} ({len(img.getbands())} channels)")

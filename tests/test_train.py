@@ -1,5 +1,6 @@
 """train.py end to end on the toy world at the toy model size, on the CPU: every stage, exact
-resume, atomic checkpoints, torchrun with 2 processes, the non-finite-step guard, bad inputs."""
+resume, atomic checkpoints, torchrun with 2 processes, the non-finite-step guard, bad inputs.
+(Kills, locks, full disks and every range check: tests/test_faults.py.)"""
 
 import json
 import os
@@ -206,10 +207,13 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch, capsys):
         return sample
 
     monkeypatch.setattr(SyntheticPairs, "__getitem__", poisoned)
-    args = ["--stage", "2", "--init", "scratch", "--out", str(tmp_path), "--max-steps", "1"]
+    args = ["--stage", "2", "--init", "scratch", "--out", str(tmp_path), "--max-steps", "1",
+            "--schedule-sampler", "loss-aware"]
     train.main(FAST + args + ["--data", "synthetic", "--model-size", "toy"])
     assert "step skipped" in capsys.readouterr().err
     assert records(tmp_path)[0]["skipped"] is True
+    sampler = load_checkpoint(str(tmp_path / "latest.pt"))["sampler"]  # the NaN losses stay out of its history
+    assert sampler["counts"].sum() == 0 and torch.isfinite(sampler["history"]).all()
     torch.manual_seed(0)
     start = train.initial_model(train.get_args(FAST + args + ["--model-size", "toy"])).state_dict()
     ckpt = load_checkpoint(str(tmp_path / "latest.pt"))
