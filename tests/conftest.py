@@ -5,7 +5,10 @@ machine OpenMP threads that wait on each other make small convolutions tens of t
 
 Without a GPU, the Triton kernels run in Triton's numpy interpreter. TRITON_INTERPRET is read when
 `triton.jit` decorates a kernel, i.e. when `kernels` is first imported, so it is set here, before
-any test module is collected. With a GPU it stays unset and the same tests run natively.
+any test module is collected. With a GPU it stays unset and the same tests run natively. The
+interpreter takes seconds per kernel call, so on a CPU the whole models run on the PyTorch path
+(NANOPITI_KERNELS=0, whatever the shell says); test_kernels.py and test_ops.py turn the kernels on
+themselves, at tiny shapes.
 
 `golden` opens the golden values of the original GLIDE and PITI code in tests/golden/ (see its
 README.md): the tests need nothing outside the repository, and a missing file fails, never skips.
@@ -27,6 +30,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["NANOPITI_KERNELS"] = "0"
 
 torch.set_num_threads(1)
 
