@@ -24,7 +24,7 @@ import torch
 
 TOY_CLASSES = ("sky", "cloud", "sun", "mountain", "water", "sand", "grass", "tree", "house", "road")
 SKY, CLOUD, SUN, MOUNTAIN, WATER, SAND, GRASS, TREE, HOUSE, ROAD = range(10)
-# colormap[i] of /work/shared/reference/label_colormap_182.json (PITI's COCO label colors).
+# colormap[i] of PITI's COCO label colors (tests/golden/label_colormap_182.json holds them all).
 TOY_COLORS = np.array([[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
                        [0, 128, 128], [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]],
                       dtype=np.uint8)

@@ -1,6 +1,5 @@
 """nanopiti.data, .conditions, .colormap and .hed: encodings, loaders, bad files."""
 
-import json
 import os
 import warnings
 
@@ -17,12 +16,8 @@ from nanopiti.data import (DataError, PairedDataset, ToyDataset, collate_skip_no
 from nanopiti.hed import HED, HEDError, hysteresis, canny_edges, convert_hed_state_dict, load_hed
 from nanopiti.toy import render_scene
 
-REFERENCE = "/work/shared/reference/label_colormap_182.json"
-
-
-def test_coco_colormap_equals_reference_and_round_trips():
-    with open(REFERENCE) as f:
-        reference = np.array(json.load(f)["colors"], dtype=np.uint8)
+def test_coco_colormap_equals_reference_and_round_trips(golden):
+    reference = np.array(golden.json("label_colormap_182.json")["colors"], dtype=np.uint8)
     np.testing.assert_array_equal(label_colormap(182), reference)
     np.testing.assert_array_equal(label_colormap(151), reference[:151])  # ADE20K: the same colors
     labels = np.random.default_rng(0).integers(0, 182, (13, 17))

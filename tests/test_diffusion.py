@@ -1,7 +1,5 @@
 """Gaussian diffusion: golden values from the original code, respacing, losses, samplers."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -14,13 +12,9 @@ from nanopiti.diffusion import (
 )
 from nanopiti.timesteps import LossAwareSampler
 
-REFERENCE = Path("/work/shared/reference/diffusion.pt")
-needs_reference = pytest.mark.skipif(not REFERENCE.exists(), reason="reference data not available")
-
-
 @pytest.fixture(scope="module")
-def ref():
-    return torch.load(REFERENCE)
+def ref(golden):
+    return golden.load("diffusion.pt")  # golden values of the original code, see tests/golden/README.md
 
 
 def make(schedule="squaredcos_cap_v2", respacing=""):
@@ -40,22 +34,19 @@ class FakeModel(torch.nn.Module):
         return torch.cat([out[:, :3], torch.tanh(out[:, 3:])], dim=1)
 
 
-# --- reference data --------------------------------------------------------------
+# --- golden values of the original code ---------------------------------------------
 
 
-@needs_reference
 @pytest.mark.parametrize("name", ["squaredcos_cap_v2", "linear"])
 def test_beta_schedules_match_reference(ref, name):
     np.testing.assert_allclose(get_named_beta_schedule(name, 1000), ref["betas"][name].numpy(), rtol=0, atol=1e-15)
 
 
-@needs_reference
 def test_every_respacing_matches_reference(ref):
     for spec, steps in ref["respacing"].items():
         assert space_timesteps(1000, spec) == list(steps), spec
 
 
-@needs_reference
 @pytest.mark.parametrize("index", range(4))
 def test_case_matches_reference(ref, index):
     case = ref["cases"][index]

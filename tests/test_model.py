@@ -1,8 +1,6 @@
-"""The model core equals the original GLIDE and PITI code (reference outputs on random weights)
-and builds the released full-size models with exactly their keys, shapes and parameter counts."""
-
-import json
-from pathlib import Path
+"""The model core equals the original GLIDE and PITI code (golden outputs on random weights, from
+tests/golden/) and builds the released full-size models with exactly their keys, shapes and
+parameter counts."""
 
 import pytest
 import torch
@@ -10,7 +8,6 @@ import torch
 import nanopiti
 from nanopiti.model import ModelError, base_config, build_model, infer_config
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 MODELS = ["glide_text_base", "glide_text_upsample", "piti_mask_base", "piti_mask_upsample"]
 PRESETS = {  # manifest name -> base_config arguments
     "glide_base": ("glide", False, "mask"), "glide_upsample": ("glide", True, "mask"),
@@ -21,13 +18,13 @@ PRESETS = {  # manifest name -> base_config arguments
 
 
 @pytest.fixture(scope="module")
-def manifests():
-    return json.loads((REFERENCE / "checkpoint_manifests.json").read_text())
+def manifests(golden):
+    return golden.json("checkpoint_manifests.json")
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_reference_outputs(name):
-    ref = torch.load(REFERENCE / f"{name}.pt")
+def test_reference_outputs(name, golden):
+    ref = golden.model(name)
     model = nanopiti.load_model(ref)
     inputs = dict(ref["inputs"])
     x, t = inputs.pop("x"), inputs.pop("t")
@@ -56,8 +53,8 @@ def test_parameter_count_of_glide_base_and_piti_mask_base(manifests):
     assert manifests["piti_mask_base"]["params"] == 338_015_302
 
 
-def test_load_from_path_and_nanopiti_checkpoint(tmp_path):
-    ref = torch.load(REFERENCE / "piti_mask_base.pt")
+def test_load_from_path_and_nanopiti_checkpoint(tmp_path, golden):
+    ref = golden.model("piti_mask_base")
     path = tmp_path / "released.pt"
     torch.save(ref["state_dict"], path)
     model = nanopiti.load_model(path, config=None)
@@ -73,7 +70,7 @@ def test_load_from_path_and_nanopiti_checkpoint(tmp_path):
     torch.testing.assert_close(raw.decoder.out[2].bias, model.decoder.out[2].bias)
 
 
-def test_load_errors_are_one_clear_line(tmp_path):
+def test_load_errors_are_one_clear_line(tmp_path, golden):
     with pytest.raises(ModelError, match="no such checkpoint"):
         nanopiti.load_model(tmp_path / "missing.pt")
     text = tmp_path / "notes.pt"
@@ -82,7 +79,7 @@ def test_load_errors_are_one_clear_line(tmp_path):
         nanopiti.load_model(text)
     with pytest.raises(ModelError, match="not a GLIDE or PITI model"):
         nanopiti.load_model({"conv.weight": torch.zeros(3, 3)})
-    sd = dict(torch.load(REFERENCE / "glide_text_base.pt")["state_dict"])
+    sd = golden.model("glide_text_base")["state_dict"]
     sd.pop("out.2.bias")
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(ModelError, match=r"missing: out\.2\.bias.*unexpected: extra\.weight"):

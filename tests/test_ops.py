@@ -27,7 +27,18 @@ def forward_backward(model, inputs, kernels, monkeypatch):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_kernels_on_and_off_agree_through_the_model(monkeypatch):
+@pytest.fixture
+def no_tf32():
+    """On a GPU, cuDNN convolutions and matmuls may round fp32 to TF32 (10-bit mantissa); the 1e-4
+    comparison of the two fp32 paths needs real fp32 everywhere, not just inside the kernels."""
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        yield
+    torch.set_float32_matmul_precision(precision)
+
+
+def test_kernels_on_and_off_agree_through_the_model(monkeypatch, no_tf32):
     import kernels
 
     calls = []  # guard against passing because the kernels were never called
@@ -36,10 +47,6 @@ def test_kernels_on_and_off_agree_through_the_model(monkeypatch):
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     model = tiny_piti()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # On a GPU cuDNN convolutions default to TF32 (10-bit mantissa); the 1e-4 comparison of the two
-    # fp32 paths needs real fp32 everywhere, not just inside the kernels.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model.to(device)
     inputs = (torch.randn(1, 3, 8, 8, device=device), torch.tensor([700], device=device),
               torch.randn(1, 3, 32, 32, device=device))

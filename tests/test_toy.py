@@ -1,5 +1,3 @@
-import json
-import os
 import time
 
 import numpy as np
@@ -10,9 +8,6 @@ from nanopiti import toy
 from nanopiti.toy import (CLOUD, GRASS, HOUSE, MOUNTAIN, ROAD, SAND, SKY, SUN, TOY_CLASSES, TOY_COLORS,
                           TREE, WATER, ToyTokenizer, ToyWorldError, caption_classes, render, render_scene,
                           sample_layout)
-
-COLORMAP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "label_colormap_182.json")
-
 
 @pytest.fixture(scope="module")
 def scenes():
@@ -133,11 +128,8 @@ def test_depth_is_plausible(scenes):
             assert d[objects].max() < d[ground].max()
 
 
-def test_toy_colors_are_the_piti_colormap():
-    if not os.path.isfile(COLORMAP):
-        pytest.skip("reference colormap not available")
-    with open(COLORMAP) as f:
-        colors = np.array(json.load(f)["colors"][: len(TOY_CLASSES)], np.uint8)
+def test_toy_colors_are_the_piti_colormap(golden):
+    colors = np.array(golden.json("label_colormap_182.json")["colors"][: len(TOY_CLASSES)], np.uint8)
     assert np.array_equal(TOY_COLORS, colors)
     assert np.array_equal(toy.label_to_color(np.array([[0, 9]])), colors[[[0, 9]]])
 
