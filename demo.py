@@ -35,7 +35,6 @@ import threading
 import time
 import traceback
 import urllib.parse
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +86,11 @@ def read_settings(body):
         raise DemoError(f"guidance kind must be one of {', '.join(GUIDANCE_KINDS)}, got {kind!r}")
     return {"guidance": float(w), "kind": kind, "steps": _int(body, "steps", 1, MAX_STEPS),
             "seed": _int(body, "seed", 0, MAX_SEED), "num": _int(body, "num", 1, MAX_NUM)}
+
+
+def pixels(picture):
+    """size x size x 3 uint8 -> its bytes in base64: how the page receives a canvas, exactly."""
+    return base64.b64encode(picture.tobytes()).decode("ascii")
 
 
 def png_data_url(picture):
@@ -166,8 +170,7 @@ class Demo:
         scene = render_scene(HELDOUT_SEED0 + int(index), self.size)
         lines = np.repeat(scene.sketch[..., None], 3, axis=2)
         picture = TOY_COLORS[scene.label] if self.task == "mask" else lines
-        return {"pixels": base64.b64encode(picture.tobytes()).decode("ascii"), "index": int(index),
-                "caption": scene.caption}
+        return {"pixels": pixels(picture), "index": int(index), "caption": scene.caption}
 
     # --- sampling ---
 
@@ -208,81 +211,80 @@ class Demo:
                 "seconds": round(seconds, 3), "settings": settings}
 
 
-def make_handler(demo):
-    class Handler(http.server.BaseHTTPRequestHandler):
-        timeout = 60  # a client that stops sending in the middle of a request is dropped
+class Handler(http.server.BaseHTTPRequestHandler):
+    """One request: the page, or the API on the Demo that the server carries (`server.demo`)."""
 
-        def log_message(self, fmt, *args):  # one line per request on stderr, without the progress polls
-            if not self.path.startswith("/api/progress"):
-                sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
+    timeout = 60  # a client that stops sending in the middle of a request is dropped
 
-        def send(self, code, payload, content_type="application/json"):
-            body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
+    def log_message(self, fmt, *args):  # one line per request on stderr, without the progress polls
+        if not self.path.startswith("/api/progress"):
+            sys.stderr.write(f"{self.address_string()} {fmt % args}\n")
 
-        def answer(self, work):
-            """Run `work()` and send its JSON, or the error's one line: 400 for bad input, 500 for a bug."""
-            try:
-                self.send(200, work())
-            except DemoError as e:
-                self.send(400, {"error": str(e)})
-            except Exception as e:  # a bug: say so on the page, print the traceback here, keep serving
-                traceback.print_exc()
-                self.send(500, {"error": f"internal error ({type(e).__name__}: {e}); see the server's console"})
+    def send(self, code, payload, content_type="application/json"):
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
 
-        def read_body(self):
-            length = self.headers.get("Content-Length", "")
-            if not length.isdigit():
-                raise DemoError("the request has no Content-Length")
-            length = int(length)
-            if length > MAX_BODY:
-                left = length
-                while left > 0 and self.rfile.read(min(2**20, left)):  # read it all: else the browser
-                    left -= 2**20  # may see a reset connection instead of the answer
-                raise DemoError(f"the upload is {length / 2**20:.1f} MB; at most {MAX_BODY / 2**20:.0f} MB "
-                                "are accepted")
-            return self.rfile.read(length)
+    def answer(self, work):
+        """Send `work()`'s JSON, or the error's one line: 400 for bad input, 500 for a bug."""
+        try:
+            code, payload = 200, work()
+        except DemoError as e:
+            code, payload = 400, {"error": str(e)}
+        except Exception as e:  # a bug: say so on the page, print the traceback here, keep serving
+            traceback.print_exc()
+            code, payload = 500, {"error": f"internal error ({type(e).__name__}: {e}); see the server's console"}
+        self.send(code, payload)
 
-        def do_GET(self):
-            url = urllib.parse.urlsplit(self.path)
-            if url.path in ("/", "/index.html"):
-                self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
-            elif url.path == "/api/info":
-                self.answer(demo.info)
-            elif url.path == "/api/progress":
-                self.answer(lambda: demo.progress)
-            elif url.path == "/api/toy-scene":
-                self.answer(lambda: demo.toy_scene(urllib.parse.parse_qs(url.query)))
-            else:
-                self.send(404, {"error": f"no such page: {url.path}"})
+    def read_body(self):
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            raise DemoError("the request has no Content-Length")
+        length = int(length)
+        if length > MAX_BODY:
+            left = length
+            while left > 0:  # read it all: else the browser may see a reset connection, not the answer
+                chunk = self.rfile.read(min(2**20, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            raise DemoError(f"the upload is {length / 2**20:.1f} MB; at most {MAX_BODY / 2**20:.0f} MB "
+                            "are accepted")
+        return self.rfile.read(length)
 
-        def do_POST(self):
-            if self.path == "/api/condition":
-                self.answer(lambda: self.upload(self.read_body()))
-            elif self.path == "/api/generate":
-                self.answer(lambda: demo.generate(self.json_body()))
-            else:
-                self.send(404, {"error": f"no such endpoint: {self.path}"})
+    def do_GET(self):
+        url = urllib.parse.urlsplit(self.path)
+        if url.path in ("/", "/index.html"):
+            self.send(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+        elif url.path == "/api/info":
+            self.answer(self.server.demo.info)
+        elif url.path == "/api/progress":
+            self.answer(lambda: self.server.demo.progress)
+        elif url.path == "/api/toy-scene":
+            self.answer(lambda: self.server.demo.toy_scene(urllib.parse.parse_qs(url.query)))
+        else:
+            self.send(404, {"error": f"no such page: {url.path}"})
 
-        def upload(self, data):
-            picture = demo.canvas(data)
-            return {"pixels": base64.b64encode(picture.tobytes()).decode("ascii")}
+    def do_POST(self):
+        if self.path == "/api/condition":
+            self.answer(lambda: {"pixels": pixels(self.server.demo.canvas(self.read_body()))})
+        elif self.path == "/api/generate":
+            self.answer(lambda: self.server.demo.generate(self.json_body()))
+        else:
+            self.send(404, {"error": f"no such endpoint: {self.path}"})
 
-        def json_body(self):
-            try:
-                body = json.loads(self.read_body())
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise DemoError("the request body is not JSON") from None
-            if not isinstance(body, dict):
-                raise DemoError("the request body must be a JSON object")
-            return body
-
-    return Handler
+    def json_body(self):
+        try:
+            body = json.loads(self.read_body())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise DemoError("the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise DemoError("the request body must be a JSON object")
+        return body
 
 
 def parse_args(argv=None):
@@ -304,40 +306,43 @@ def parse_args(argv=None):
 
 
 def make_server(args):
-    """Load and check the models, then bind the server (not yet serving). Raises SampleError/ModelError."""
+    """Bind the server (not yet serving), then load and check the models. Raises SampleError/ModelError."""
     if args.threads < 1:
         raise sample.SampleError("--threads must be at least 1")
     if not 0 <= args.port <= 65535:
         raise sample.SampleError(f"--port {args.port}: a port is 0..65535 (0: any free port)")
     device, dtype = sample.resolve_device(args.device, args.dtype)
-    base = sample.load_piti(args.ckpt, upsampler=False)
-    sr = None if args.base_only else sample.load_piti(args.sr_ckpt, upsampler=True)
-    task = sample.check_pair(base, sr, None)
-    if task == "depth":
-        raise sample.SampleError("the page paints masks and sketches; a depth model needs a normal and a depth "
-                                 "picture: use sample.py --cond normal.png,depth.png")
-    world = args.world or ("toy" if base.config["image_size"] == toy_config()["image_size"] else "coco")
-    torch.set_num_threads(args.threads)
-    demo = Demo(base.to(device), sr.to(device) if sr else None, world, device, dtype)
-    try:
-        server = http.server.ThreadingHTTPServer((args.host, args.port), make_handler(demo))
+    try:  # first, so that a port in use is said before the models load
+        server = http.server.ThreadingHTTPServer((args.host, args.port), Handler)
     except OSError as e:
         raise sample.SampleError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); "
                                  "pick another --port (0: any free one)") from None
     server.daemon_threads = True  # Ctrl+C does not wait for open connections
-    return server, demo
+    try:
+        base = sample.load_piti(args.ckpt, upsampler=False)
+        sr = None if args.base_only else sample.load_piti(args.sr_ckpt, upsampler=True)
+        task = sample.check_pair(base, sr, None)
+        if task == "depth":
+            raise sample.SampleError("the page paints masks and sketches; a depth model needs a normal and a "
+                                     "depth picture: use sample.py --cond normal.png,depth.png")
+    except Exception:
+        server.server_close()
+        raise
+    world = args.world or ("toy" if base.config["image_size"] == toy_config()["image_size"] else "coco")
+    torch.set_num_threads(args.threads)
+    server.demo = Demo(base.to(device), sr.to(device) if sr else None, world, device, dtype)
+    return server
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = sample._warn_one_line
-            server, demo = make_server(args)
+        server = make_server(args)
     except (sample.SampleError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
+    demo = server.demo
     models = f"{demo.world} {demo.task} models" + ("" if demo.sr else " (base only)")
     print(f"nanopiti demo: http://{host}:{port}/  ({models} on {demo.device}; Ctrl+C stops it)", flush=True)
     try:

@@ -36,7 +36,8 @@ class Running:
     """demo.py's server on a free loopback port, serving from a thread of this process."""
 
     def __init__(self, *argv):
-        self.server, self.demo = demo.make_server(demo.parse_args(["--port", "0", "--device", "cpu", *argv]))
+        self.server = demo.make_server(demo.parse_args(["--port", "0", "--device", "cpu", *argv]))
+        self.demo = self.server.demo
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -133,6 +134,8 @@ def test_requests_wait_their_turn_and_progress_is_watched(mask_server, files):
     assert answers["a"][0] == answers["b"][0] == 200
     assert answers["a"][1]["upsampled"] == answers["b"][1]["upsampled"]  # one after the other: same seed, same picture
     running = [p for p in seen if p["job"] in ("a", "b")]
+    turns = [p["job"] for k, p in enumerate(running) if k == 0 or running[k - 1]["job"] != p["job"]]
+    assert sorted(turns) == ["a", "b"], turns  # one ran, then the other: never interleaved
     assert {p["job"] for p in running} == {"a", "b"}
     assert all(p["stage"] in ("base", "upsampler") and 0 <= p["done"] <= p["total"] for p in running)
     assert any(0 < p["done"] < p["total"] for p in running)  # seen in the middle of a run
