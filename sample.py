@@ -191,7 +191,7 @@ def decoder_call(model, dtype, cuda_graph=False):
 
 
 def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",
-                generator=None, dtype=torch.float32, cuda_graph=False, progress=True):
+                generator=None, dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
     """Base-model samples, B x 3 x S x S in [-1, 1], for a batch of conditions B x C x H x W.
 
     The null condition of the released PITI models is an all-ones `ref`; both branches run in one
@@ -203,11 +203,12 @@ def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="25
                                     guidance, kind)
     diffusion = model_diffusion(model.config["noise_schedule"], steps)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
-    return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress)
+    return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress,
+                callback=callback)
 
 
 def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997, generator=None,
-                     dtype=torch.float32, cuda_graph=False, progress=True):
+                     dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
     """Upsampled samples, B x 3 x S x S, from the (quantized) base samples `low_res`.
 
     Conditional only and ancestral, with x_T scaled by `temperature`, as the PITI release samples it.
@@ -217,7 +218,29 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), condition, {}, 0.0, "none")
     return model_diffusion(model.config["noise_schedule"], steps).p_sample_loop(
         model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
-        generator=generator, progress=progress)
+        generator=generator, progress=progress, callback=callback)
+
+
+def generate(base, sr, cond, sr_cond=None, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",
+             sr_steps="fast27", sr_temperature=0.997, generator=None, dtype=torch.float32, cuda_graph=False,
+             progress=True, callback=None):
+    """The two-stage pipeline for one batch: (base samples, upsampled samples or None without `sr`).
+
+    `cond` is the batch of conditions at the base model's condition size, `sr_cond` at the
+    upsampler's. `callback(stage, done, total)` is called after every step, stage "base" or
+    "upsampler" (demo.py draws its progress bar with it). sample.py and demo.py both sample here.
+    """
+    def stage(name):
+        return None if callback is None else lambda done, total: callback(name, done, total)
+
+    speed = dict(generator=generator, dtype=dtype, cuda_graph=cuda_graph, progress=progress)
+    low = sample_base(base, cond, guidance=guidance, kind=kind, steps=steps, sampler=sampler,
+                      callback=stage("base"), **speed)
+    if sr is None:
+        return low, None
+    high = sample_upsampler(sr, sr_cond, quantize(low), steps=sr_steps, temperature=sr_temperature,
+                            callback=stage("upsampler"), **speed)
+    return low, high
 
 
 # --- the command line ---
@@ -333,13 +356,11 @@ def run(args, device, dtype):
         for b in range(0, len(items), args.batch_size):
             batch = items[b:b + args.batch_size]
             cond = torch.stack([conds[i][base.config["cond_size"]] for i, _ in batch]).to(device)
-            x = sample_base(base, cond, guidance=args.guidance, kind=args.guidance_kind, steps=args.steps,
-                            sampler=args.sampler, generator=generator, **speed)
-            if sr:
-                sr_cond = torch.stack([conds[i][sr.config["cond_size"]] for i, _ in batch]).to(device)
-                x = sample_upsampler(sr, sr_cond, quantize(x), steps=args.sr_steps, temperature=args.sr_temperature,
-                                     generator=generator, **speed)
-            for (i, _), picture in zip(batch, to_uint8(x)):
+            sr_cond = torch.stack([conds[i][sr.config["cond_size"]] for i, _ in batch]).to(device) if sr else None
+            low, high = generate(base, sr, cond, sr_cond, guidance=args.guidance, kind=args.guidance_kind,
+                                 steps=args.steps, sampler=args.sampler, sr_steps=args.sr_steps,
+                                 sr_temperature=args.sr_temperature, generator=generator, **speed)
+            for (i, _), picture in zip(batch, to_uint8(low if high is None else high)):
                 samples[i].append(picture)
     elapsed = time.time() - start
 

@@ -310,26 +310,31 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def p_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, clip_denoised=True,
-                      device=None, generator=None, progress=True):
+                      device=None, generator=None, progress=True, callback=None):
         """Ancestral sampling from x_T to x_0 over all (respaced) steps.
 
         x_T = temperature * noise (fresh N(0, I) when noise is None). PITI and
         GLIDE sample their upsamplers with temperature 0.997, applied to x_T only.
+        `callback(done, total)`, if given, is called after every step (demo.py's progress bar).
         """
         x = self._initial_noise(shape, noise, temperature, device, generator)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddpm", disable=not progress):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             x = self.p_sample(model_fn, x, t, clip_denoised, generator)["sample"]
+            if callback is not None:
+                callback(self.num_timesteps - i, self.num_timesteps)
         return x
 
     @torch.no_grad()
     def ddim_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, eta=0.0,
-                         clip_denoised=True, device=None, generator=None, progress=True):
+                         clip_denoised=True, device=None, generator=None, progress=True, callback=None):
         """DDIM sampling from x_T to x_0; with eta = 0 the result is a function of x_T."""
         x = self._initial_noise(shape, noise, temperature, device, generator)
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddim", disable=not progress):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             x = self.ddim_sample(model_fn, x, t, eta, clip_denoised, generator)["sample"]
+            if callback is not None:
+                callback(self.num_timesteps - i, self.num_timesteps)
         return x
 
     @staticmethod
