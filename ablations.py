@@ -4,7 +4,7 @@
 
 Trains, from the shipped toy prior, every variant the paper compares (train.py in subprocesses,
 `--jobs` at a time, each on one CPU thread), samples held-out toy masks with each, measures the
-samples with nanopiti.evaluate (mIoU of a toy segmenter against the input mask: faithfulness;
+samples with toyworld.judge (mIoU of a toy segmenter against the input mask: faithfulness;
 Frechet distance in its feature space: "toy FID"; saturation and high-frequency energy: the
 guidance comparison) and writes `--out`/results.md and picture grids:
 
@@ -31,12 +31,10 @@ import torch
 
 import sample
 from nanopiti import load_model
-from nanopiti.data import ToyDataset
-from nanopiti.evaluate import HELDOUT_SEED0, evaluate_samples, get_segmenter
+from toyworld.data import ToyDataset
+from toyworld.judge import evaluate_samples, get_segmenter
 from nanopiti.pictures import save_grid
-from nanopiti.toy import render_scene
-
-TOY_SCENES = 1800  # train.py's toy training set: layout seeds 0..1799
+from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
 
 def parse_args(argv=None):

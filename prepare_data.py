@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from nanopiti.checkpoint import folder_problem
 from nanopiti.conditions import encode_depth, encode_normal
-from nanopiti.data import (DataError, label_image_to_color, open_image, scene_condition_arrays,
-                           shorter_side_size)
+from nanopiti.data import DataError, label_image_to_color, open_image, shorter_side_size
 from nanopiti.download import DownloadError, archive_problem, download, unpack
 from nanopiti.hed import HEDError, canny_edges, hed_sketch, load_hed
+from toyworld.data import scene_condition_arrays
+from toyworld.world import render_scene
 
 
 class PrepareError(Exception):
@@ -180,7 +181,6 @@ def _diode_pair(job):
 def _toy_scene(job):
     """Render toy scene `index` and store it in all three tasks' encodings."""
     index, out, split, size = job
-    from nanopiti.toy import render_scene
     scene = render_scene(index, size)
     stem = f"{index:06d}"
     caption = " ".join(scene.caption.split())  # no tabs or newlines inside a list-file line

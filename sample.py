@@ -40,7 +40,7 @@ from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
-from nanopiti.toy import TOY_CLASSES, TOY_COLORS
+from toyworld.world import TOY_CLASSES, TOY_COLORS
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"

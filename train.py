@@ -48,20 +48,18 @@ from nanopiti.checkpoint import (CheckpointError, folder_problem, latest_checkpo
 from nanopiti.batches import PROBE_PAIRS, EpochIndexed, StepBatches, check_data, make_dataset, model_condition
 from nanopiti.data import DataError, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
-from nanopiti.evaluate import condition_use
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
-from nanopiti.guidance import make_guided_model_fn
+from nanopiti.guidance import condition_use, make_guided_model_fn
 from nanopiti.model import TASK_CHANNELS
 from nanopiti.finetune import TrainError, initial_model
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
 from nanopiti.timesteps import LossAwareSampler
-from nanopiti.toy import ToyWorldError
+from toyworld.world import TOY_SCENES, ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
 DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOY_SCENES = 1800  # the toy world's training scenes (seeds 0..1799); validation uses the next ones
 
 
 def get_args(argv=None):
@@ -189,7 +187,7 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
 @torch.no_grad()
 def measure_condition(ema, probe, device, autocast):
     """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
-    noise-prediction error at t = 300, 500, 700 (nanopiti.evaluate.condition_use; 1 = ignored)."""
+    noise-prediction error at t = 300, 500, 700 (nanopiti.guidance.condition_use; 1 = ignored)."""
     cond, null = model_condition(ema, probe, device)
     with autocast:
         use = condition_use(ema, probe["image"].to(device), cond, null)

@@ -9,9 +9,10 @@ import os
 import numpy as np
 import torch
 
-from .data import PairedDataset, ToyDataset
+from .data import PairedDataset
 from .finetune import TrainError
-from .toy import ToyTokenizer
+from toyworld.data import ToyDataset
+from toyworld.world import ToyTokenizer
 
 PROBE_PAIRS = 16  # held-out pairs of train.py's condition measure (its previews: the first --num-samples)
 

@@ -137,7 +137,7 @@ def _to_tensor(arr):
     return torch.from_numpy(_to_unit(arr))
 
 
-class _PairTransform:
+class PairTransform:
     """Resize / crop / flip an image and its condition arrays together, then encode them."""
 
     def __init__(self, task, resolution, cond_size, uncond_p, random_flip, random_crop,
@@ -184,7 +184,7 @@ class _PairTransform:
         return sample
 
 
-def _rng(seed, epoch, index):
+def sample_rng(seed, epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
 
@@ -210,7 +210,7 @@ class PairedDataset(torch.utils.data.Dataset):
     def __init__(self, list_file, task, resolution=64, cond_size=256, uncond_p=0.0,
                  random_flip=True, random_crop=True, upsampler=False, low_res=64, seed=0,
                  palette="coco", max_substitutions=16):
-        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
+        self.transform = PairTransform(task, resolution, cond_size, uncond_p, random_flip,
                                         random_crop, upsampler, low_res)
         self.list_file, self.task, self.palette = list_file, task, palette
         self.seed, self.epoch, self.max_substitutions = seed, 0, max_substitutions
@@ -272,7 +272,7 @@ class PairedDataset(torch.utils.data.Dataset):
                 self.skipped[e.reason].append(self.entries[j][0])
                 warnings.warn(f"skipping pair {j}: {e}")
                 continue
-            sample = self.transform(image, conds, _rng(self.seed, self.epoch, j))
+            sample = self.transform(image, conds, sample_rng(self.seed, self.epoch, j))
             sample["path"] = self.entries[j][0]
             if self.entries[j][2] is not None:
                 sample["caption"] = self.entries[j][2]
@@ -286,57 +286,6 @@ class PairedDataset(torch.utils.data.Dataset):
             return f"{self.list_file}: {len(self.entries)} pairs, none skipped"
         reasons = ", ".join(f"{k}: {len(v)} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
         return f"{self.list_file}: {len(self.entries) - len(self._bad)} usable pairs, {n_skipped} skipped ({reasons})"
-
-
-class ToyDataset(torch.utils.data.Dataset):
-    """Scenes of nanopiti's procedural toy world, rendered on the fly (no files needed).
-
-    Scene i has layout seed `first_scene + i`: the layout (what is where) is fixed, so label
-    maps, sketches and depth stay the same across epochs. With `vary_appearance`, the colors and
-    textures are re-drawn every epoch from (seed, epoch, i), so one layout maps to many images,
-    as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
-    """
-
-    def __init__(self, num_scenes, task, resolution=64, cond_size=256, uncond_p=0.0,
-                 random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
-                 vary_appearance=True):
-        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
-                                        False, upsampler, low_res)
-        self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
-        self.seed, self.epoch, self.first_scene = seed, 0, first_scene
-        self.vary_appearance = vary_appearance
-
-    def __len__(self):
-        return self.num_scenes
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __getitem__(self, index):
-        from .toy import render_scene
-        rng = _rng(self.seed, self.epoch, index)
-        appearance = int(rng.integers(2**31)) if self.vary_appearance else None
-        scene = render_scene(self.first_scene + index, self.cond_size, appearance_seed=appearance)
-        image, conds = scene_condition_arrays(scene, self.task)
-        sample = self.transform(image, conds, rng)
-        sample["caption"] = scene.caption
-        sample["path"] = f"toy:{self.first_scene + index}"
-        return sample
-
-
-def scene_condition_arrays(scene, task):
-    """A toy scene (nanopiti.toy.ToyScene) -> (image, [condition arrays]) in the encodings that
-    prepare_data.py stores: color label map; sketch 255/0; normals and depth as PITI's RGB
-    pictures, with the toy camera's focal length (the image height) and every pixel valid."""
-    if task == "mask":
-        conds = [labels_to_color(scene.label)]
-    elif task == "sketch":
-        conds = [np.where(scene.sketch > 0, 255, 0).astype(np.uint8)]
-    else:
-        depth = scene.depth
-        conds = [encode_normal(normals_from_depth(depth, focal=depth.shape[0])),
-                 encode_depth(depth, np.ones_like(depth))]
-    return scene.image, conds
 
 
 def collate_skip_none(batch):

@@ -11,7 +11,7 @@ way. `initial_model(args)` takes train.py's arguments: stage, init, model_size, 
 import torch
 
 from .model import ModelError, UNET_KEYS, base_config, build_model, infer_config, load_model, toy_config
-from .toy import ToyTokenizer
+from toyworld.world import ToyTokenizer
 
 # The text encoder's parameters in a GLIDE checkpoint: everything else is the UNet.
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")

@@ -1,11 +1,11 @@
-"""The condition measure (nanopiti.evaluate.condition_use): does a model listen to its condition?"""
+"""The condition measure (nanopiti.guidance.condition_use): does a model listen to its condition?"""
 
 import pytest
 import torch
 
 from nanopiti import build_model, toy_config
 from nanopiti.diffusion import model_diffusion
-from nanopiti.evaluate import EvaluateError, condition_use
+from nanopiti.guidance import GuidanceError, condition_use
 
 
 class Oracle(torch.nn.Module):
@@ -65,5 +65,5 @@ def test_upsampler_keeps_its_low_res_and_needs_two_samples():
     cond = {"ref": torch.randn(x0.shape, generator=g), "low_res": x0 + 0.1 * torch.randn(x0.shape, generator=g)}
     use = condition_use(LowResOnly(), x0, cond, {"ref": torch.ones_like(x0)}, timesteps=(500,))
     assert use[500]["ratio"] == 1.0 and use[500]["null"] == use[500]["right"]
-    with pytest.raises(EvaluateError, match="at least two"):
+    with pytest.raises(GuidanceError, match="at least two"):
         condition_use(Oracle(), x0[:1], {"ref": x0[:1]}, {"ref": x0[:1]})

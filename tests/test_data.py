@@ -11,10 +11,10 @@ from PIL import Image
 from nanopiti.colormap import color_to_labels, label_colormap, labels_to_color
 from nanopiti.conditions import (binarize_sketch, encode_depth, encode_normal, jet_lut,
                                  l1_distance_transform, normals_from_depth, sketch_to_condition)
-from nanopiti.data import (DataError, PairedDataset, ToyDataset, collate_skip_none, label_image_to_color,
-                           load_condition_image)
+from nanopiti.data import DataError, PairedDataset, collate_skip_none, label_image_to_color, load_condition_image
 from nanopiti.hed import HED, HEDError, hysteresis, canny_edges, convert_hed_state_dict, load_hed
-from nanopiti.toy import render_scene
+from toyworld.data import ToyDataset
+from toyworld.world import render_scene
 
 def test_coco_colormap_equals_reference_and_round_trips(golden):
     reference = np.array(golden.json("label_colormap_182.json")["colors"], dtype=np.uint8)

@@ -25,7 +25,7 @@ import train
 from nanopiti.checkpoint import export_weights, load_checkpoint
 from nanopiti.colormap import color_to_labels, labels_to_color
 from nanopiti.data import label_image_to_color, load_condition_image
-from nanopiti.toy import TOY_COLORS
+from toyworld.world import TOY_COLORS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--stage", "2", "--init", "scratch", "--data", "toy", "--batch-size", "2", "--workers", "0",

@@ -11,7 +11,7 @@ import sample
 from nanopiti import build_model, toy_config
 from nanopiti.data import load_condition_image
 from nanopiti.guidance import make_guided_model_fn
-from nanopiti.toy import TOY_COLORS
+from toyworld.world import TOY_COLORS
 
 FAST = ["--steps", "4", "--sr-steps", "3", "--device", "cpu"]
 

@@ -9,7 +9,7 @@ in which the whole method runs on a CPU in minutes. A scene is drawn in two step
 2. `render(layout, size, appearance_seed)`: rasterizes the layout at any size and paints it with
    colors and textures drawn from a second seed: time of day (day, dusk, night), sky gradient,
    wall and roof colors, autumn or green trees, snow, asphalt or dirt road, noise textures, fog
-   (the painting itself is in nanopiti/toy_paint.py).
+   (the painting itself is in toyworld/paint.py).
 
 The label map, the sketch and the depth map depend on the layout only; the image and the caption
 also depend on the appearance. So one layout (one label map, the condition) has many plausible
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+TOY_SCENES = 1800  # train.py's toy training scenes: layout seeds 0..1799; its previews use the next ones
+HELDOUT_SEED0 = 10 ** 9  # held-out scenes (the judge, the ablations) use layout seeds 10^9 + i
 TOY_CLASSES = ("sky", "cloud", "sun", "mountain", "water", "sand", "grass", "tree", "house", "road")
 SKY, CLOUD, SUN, MOUNTAIN, WATER, SAND, GRASS, TREE, HOUSE, ROAD = range(10)
 # colormap[i] of PITI's COCO label colors (tests/golden/label_colormap_182.json holds them all).
@@ -259,7 +261,7 @@ def render(layout, size=256, appearance_seed=0):
     """Rasterize `layout` at size x size and paint it with the appearance of `appearance_seed`."""
     if not isinstance(size, (int, np.integer)) or size < 16:
         raise ToyWorldError(f"toy scenes are rendered at an integer size of at least 16 pixels, got {size!r}")
-    from .toy_paint import Painter  # imported here: toy_paint builds on this module's definitions
+    from .paint import Painter  # imported here: paint builds on this module's definitions
 
     painter = Painter(layout, int(size), np.random.default_rng([int(appearance_seed), 1]))
     painter.sky()

@@ -1,6 +1,6 @@
 """Painting toy scenes: rasterization, noise textures and the appearance of every class.
 
-`Painter` draws a layout of nanopiti.toy back to front on a `Canvas` that holds the label map,
+`Painter` draws a layout of toyworld.world back to front on a `Canvas` that holds the label map,
 a part-id map (its edges are the sketch), the depth map and the colors. Everything about colors
 comes from the appearance generator `rng`; the geometry comes from the layout alone, so the label,
 sketch and depth maps do not depend on the appearance.
@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .toy import (CAMERA_HEIGHT, CLOUD, CLOUD_DEPTH, GRASS, GROUND_MAX_DEPTH, HOUSE, MOUNTAIN, MOUNTAIN_DEPTHS,
+from .world import (CAMERA_HEIGHT, CLOUD, CLOUD_DEPTH, GRASS, GROUND_MAX_DEPTH, HOUSE, MOUNTAIN, MOUNTAIN_DEPTHS,
                   ROAD, SAND, SKY_DEPTH, SUN, TIMES_OF_DAY, TOY_CLASSES, TREE, WATER, ground_class, road_center)
 
 
