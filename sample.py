@@ -39,6 +39,7 @@ from nanopiti.cuda_graph import graphed
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
+from nanopiti.ops import DTYPES
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
 from toyworld.world import TOY_CLASSES, TOY_COLORS
 
@@ -49,7 +50,6 @@ TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prio
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # The released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention.
 DEFAULT_GUIDANCE = 0.3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SampleError(ValueError):

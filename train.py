@@ -45,21 +45,26 @@ from tqdm.auto import tqdm
 from nanopiti import ModelError, build_model
 from nanopiti.checkpoint import (CheckpointError, folder_problem, latest_checkpoint, load_checkpoint, open_log,
                                  rng_state, run_lock, save_checkpoint, set_rng_state)
-from nanopiti.batches import PROBE_PAIRS, EpochIndexed, StepBatches, check_data, make_dataset, model_condition
-from nanopiti.data import DataError, collate_skip_none
+from nanopiti.data import DataError, EpochIndexed, PairedDataset, StepBatches, SyntheticPairs, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
 from nanopiti.guidance import condition_use, make_guided_model_fn
-from nanopiti.model import TASK_CHANNELS
-from nanopiti.finetune import TrainError, initial_model
+from nanopiti.conditions import TASK_CHANNELS
+from nanopiti.model import UNET_KEYS, base_config, infer_config, load_model, toy_config
+from nanopiti.ops import DTYPES
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
 from nanopiti.timesteps import LossAwareSampler
-from toyworld.world import TOY_SCENES, ToyWorldError
+from toyworld.data import ToyDataset
+from toyworld.world import TOY_SCENES, ToyTokenizer, ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
 DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PROBE_PAIRS = 16  # held-out pairs of the condition measure (its previews: the first --num-samples)
+
+
+class TrainError(ValueError):
+    """A training run that cannot start or go on; the message says why and what to do."""
 
 
 def get_args(argv=None):
@@ -146,6 +151,138 @@ def check_args(args):
         if found:
             raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
                              "--resume auto, or give a new --out")
+
+
+# --- the model each stage starts from (paper section 3.3) ---
+
+INIT_HINT = {
+    "1": ("stage 1 expects a text prior: GLIDE's base.pt (python -m nanopiti.download glide-base) or a stage-0 "
+          "checkpoint (python train.py --stage 0)"),
+    "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
+    "up": ("stage up expects GLIDE's upsample.pt (python -m nanopiti.download glide-upsample) or a stage-0 "
+           "upsampler (python train.py --stage 0 --model upsample)"),
+}
+# The text encoder's parameters in a GLIDE checkpoint: everything else is the UNet.
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
+
+
+def template(args, kind, super_res):
+    """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
+    if args.model_size == "toy":
+        return toy_config(kind, super_res, args.task, n_vocab=len(ToyTokenizer.VOCAB))
+    return base_config(kind, super_res, args.task)
+
+
+def read_init(args):
+    """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
+    the head counts and image size of --model-size, which its weights do not record."""
+    try:
+        obj = torch.load(args.init, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"--init {args.init}: no such file; {INIT_HINT[args.stage]}") from None
+    except Exception as e:
+        raise TrainError(f"--init {args.init}: not a PyTorch checkpoint ({type(e).__name__}); {INIT_HINT[args.stage]}") from None
+    try:
+        if isinstance(obj, dict) and "config" in obj and "model" in obj:
+            return load_model(obj)
+        inferred = infer_config(obj)
+        return load_model({"state_dict": obj, "config": template(args, inferred["kind"], inferred["super_res"])})
+    except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
+        raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
+
+
+def initial_model(args):
+    """The model a fresh run starts from. Stage 0: a new text prior. Stage 1 (and stage 2 or up
+    from a prior): the paper's surgery, below. Stage 2: the stage-1 model ('scratch': the same
+    architecture, untrained: the paper's from-scratch baseline). train() then freezes the
+    decoder in stage 1, so that only the new encoder learns."""
+    if args.stage == "0":
+        if args.init:
+            raise TrainError("stage 0 trains a text prior from scratch and takes no --init")
+        return build_model(template(args, "glide", args.model == "upsample"))
+    if not args.init:
+        raise TrainError(f"stage {args.stage} needs --init: {INIT_HINT[args.stage]}")
+    if args.stage == "2" and args.init == "scratch":
+        return build_model(template(args, "piti", False))
+    init = read_init(args)
+    if init.config["super_res"] != (args.stage == "up"):
+        have = "an upsampler" if init.config["super_res"] else "a base model"
+        raise TrainError(f"--init {args.init} is {have}; {INIT_HINT[args.stage]}")
+    if init.config["kind"] == "piti":
+        if args.stage == "1":
+            raise TrainError(f"--init {args.init} is already a PITI model; {INIT_HINT['1']}, or continue it with --stage 2")
+        if init.config["task"] != args.task:
+            raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
+        return init
+    # The surgery: the decoder is the prior's UNet, `transformer_proj` included (the pooled
+    # condition keeps its path into the timestep embedding); the text encoder is dropped and a
+    # new task encoder of the same width takes its place.
+    config = template(args, "piti", init.config["super_res"])
+    config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule")})
+    if config["encoder_width"] != init.config["xf_width"]:
+        raise TrainError(f"--init {args.init} has text width {init.config['xf_width']} but a {args.model_size}-size "
+                         f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "
+                         f"need equal widths: pass --model-size {'full' if init.config['xf_width'] == 512 else 'toy'}")
+    model = build_model(config)
+    model.decoder.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith(TEXT_KEYS)})
+    return model
+
+
+# --- the data ---
+
+def list_file(args, split):
+    """The list file of a split ("train" or "val"), or None for data made on the fly."""
+    explicit = args.train_list if split == "train" else args.val_list
+    if args.data == "synthetic" or (args.data == "toy" and not explicit):
+        return None
+    return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
+
+
+def check_data(args):
+    """Fail early, before loading any weights, when the training pairs are not there."""
+    path = list_file(args, "train")
+    if path is not None and not os.path.isfile(path):
+        where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
+        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
+                         f"python prepare_data.py --data {args.data}{where} {os.path.dirname(path) or '.'}")
+
+
+def make_dataset(args, config, split):
+    """The training ("train") or preview ("val") dataset for this run."""
+    low_res = 64 if config["image_size"] == 256 else config["image_size"] // 2  # GLIDE 64 -> 256, toy 32 -> 64
+    if args.data == "synthetic":
+        return SyntheticPairs(config, low_res)
+    kw = dict(resolution=config["image_size"], upsampler=config["super_res"], low_res=low_res, seed=args.seed,
+              cond_size=config.get("cond_size", 128 if args.model_size == "toy" else 256))
+    path = list_file(args, split)
+    if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
+        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, PROBE_PAIRS))
+        return ToyDataset(count, args.task, first_scene=first, **kw)
+    if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
+        return make_dataset(args, config, "train")
+    return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
+
+
+def model_condition(model, batch, device, drop=None):
+    """(condition kwargs, null-condition kwargs) of a batch for the model's forward.
+
+    PITI: ref = the condition image; its null is all ones (as the released models).
+    GLIDE: tokens and mask of the caption; its null is the empty caption (all padding).
+    `drop` (B,) bool replaces the condition by the null one: classifier-free dropout."""
+    config = model.config
+    if config["kind"] == "piti":
+        cond = {"ref": batch["cond"].to(device)}
+    elif "tokens" in batch:
+        cond = {"tokens": batch["tokens"].to(device), "mask": batch["text_mask"].to(device)}
+    else:
+        pairs = [ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]]
+        cond = {"tokens": torch.stack([p[0] for p in pairs]).to(device), "mask": torch.stack([p[1] for p in pairs]).to(device)}
+    null = {k: (torch.ones_like if k == "ref" else torch.zeros_like)(v) for k, v in cond.items()}
+    if drop is not None:
+        cond = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
+    if config["super_res"]:
+        cond["low_res"] = batch["low_res"].to(device)
+    return cond, null
 
 
 # --- distributed setup and previews ---

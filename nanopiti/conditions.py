@@ -16,7 +16,7 @@ All pictures are uint8 on disk and x / 127.5 - 1 in the model.
 import numpy as np
 import torch
 
-COND_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}
+TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # the condition channels of each task
 
 
 def l1_distance_transform(edges):

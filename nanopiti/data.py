@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from .colormap import in_palette, labels_to_color
-from .conditions import (COND_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
+from .conditions import (TASK_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
                          normals_from_depth, sketch_to_condition)
 
 
@@ -140,12 +140,11 @@ def _to_tensor(arr):
 class PairTransform:
     """Resize / crop / flip an image and its condition arrays together, then encode them."""
 
-    def __init__(self, task, resolution, cond_size, uncond_p, random_flip, random_crop,
-                 upsampler, low_res):
-        if task not in COND_CHANNELS:
-            raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+    def __init__(self, task, resolution, cond_size, random_flip, random_crop, upsampler, low_res):
+        if task not in TASK_CHANNELS:
+            raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_CHANNELS)}")
         self.task, self.resolution, self.cond_size = task, resolution, cond_size
-        self.uncond_p, self.random_flip, self.random_crop = uncond_p, random_flip, random_crop
+        self.random_flip, self.random_crop = random_flip, random_crop
         self.upsampler, self.low_res = upsampler, low_res
 
     def __call__(self, image, conds, rng):
@@ -170,8 +169,6 @@ class PairTransform:
             cond = distance_field(binarize_sketch(conds[0]))
         else:
             cond = np.concatenate([_to_unit(c) for c in conds], axis=0)
-        if self.uncond_p > 0 and rng.random() < self.uncond_p:
-            cond = np.ones_like(cond)  # the null condition of classifier-free guidance
 
         r = self.resolution
         image_r = _resize(np.ascontiguousarray(image), (r, r), Image.BICUBIC)
@@ -196,10 +193,9 @@ class PairedDataset(torch.utils.data.Dataset):
     """Pairs from a list file written by prepare_data.py (see `read_list` for the format).
 
     task: 'mask' | 'sketch' | 'depth'. resolution: side of `image` (64 base, 256 upsampler).
-    cond_size: side of `cond` (256 for PITI's encoder). uncond_p: probability of the null
-    condition. random_crop=False takes the center window. upsampler: add `low_res`, the image
-    degraded by nanopiti.degrade to resolution / (resolution // low_res). palette: colors for
-    label maps stored as class indices ('coco' or 'ade20k').
+    cond_size: side of `cond` (256 for PITI's encoder). random_crop=False takes the center window.
+    upsampler: add `low_res`, the image degraded by nanopiti.degrade to resolution / (resolution //
+    low_res). palette: colors for label maps stored as class indices ('coco' or 'ade20k').
 
     Lines whose files are missing are dropped when the dataset is built; files that turn out
     unreadable, of the wrong size or with the wrong channels are dropped when first read. Both
@@ -207,11 +203,9 @@ class PairedDataset(torch.utils.data.Dataset):
     own copy of the dataset: what it finds is reported by its warnings, not in the main copy.)
     """
 
-    def __init__(self, list_file, task, resolution=64, cond_size=256, uncond_p=0.0,
-                 random_flip=True, random_crop=True, upsampler=False, low_res=64, seed=0,
-                 palette="coco", max_substitutions=16):
-        self.transform = PairTransform(task, resolution, cond_size, uncond_p, random_flip,
-                                        random_crop, upsampler, low_res)
+    def __init__(self, list_file, task, resolution=64, cond_size=256, random_flip=True, random_crop=True,
+                 upsampler=False, low_res=64, seed=0, palette="coco", max_substitutions=16):
+        self.transform = PairTransform(task, resolution, cond_size, random_flip, random_crop, upsampler, low_res)
         self.list_file, self.task, self.palette = list_file, task, palette
         self.seed, self.epoch, self.max_substitutions = seed, 0, max_substitutions
         self.skipped = defaultdict(list)  # reason -> [path, ...]
@@ -294,6 +288,78 @@ def collate_skip_none(batch):
     return torch.utils.data.default_collate(batch) if batch else None
 
 
+class EpochIndexed(torch.utils.data.Dataset):
+    """Reads keys (epoch, index): the augmentation of a sample depends on its epoch (set_epoch),
+    and a global batch may straddle two epochs, so the epoch travels with every index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """This process's share of the global batch of every step, from `start` on.
+
+    The sample stream is the concatenation of one random permutation per epoch (seeded by
+    (seed, epoch)); global batch k is its slice [k B, (k + 1) B) and process r takes the r-th of
+    `world` equal parts. So the data order depends only on the seed and the step: a resumed run
+    reads exactly what the uninterrupted run would have read, with any number of processes.
+    """
+
+    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self._perms = {}
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def _item(self, position):
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return epoch, int(self._perms[epoch][i])
+
+    def __iter__(self):
+        share = self.batch // self.world
+        for step in range(self.start, self.stop):
+            first = step * self.batch + self.rank * share
+            yield [self._item(p) for p in range(first, first + share)]
+
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
+
+    def __init__(self, config, low_res, size=100_000):
+        self.config, self.low_res, self.size = config, low_res, size
+
+    def __len__(self):
+        return self.size
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, index):
+        g, c, r = torch.Generator().manual_seed(index), self.config, self.config["image_size"]
+        sample = {"image": torch.rand(3, r, r, generator=g) * 2 - 1}
+        if c["kind"] == "glide":
+            sample["tokens"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
+            sample["text_mask"] = torch.ones(c["text_ctx"], dtype=torch.bool)
+        else:
+            size = c["cond_size"]
+            sample["cond"] = torch.rand(c["cond_channels"], size, size, generator=g) * 2 - 1
+        if c["super_res"]:
+            sample["low_res"] = torch.rand(3, self.low_res, self.low_res, generator=g) * 2 - 1
+        return sample
+
+
 # ---------------------------------------------------------------------------------------------
 # One condition from a user's file (sample.py)
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +373,8 @@ def load_condition_image(path, task, palette=None, size=256):
     binarized (either polarity) and turned into the distance field. depth: "normal.png,depth.png"
     or a "*_depth.png" next to its "*_normal.png". Raises DataError with a one-line message.
     """
-    if task not in COND_CHANNELS:
-        raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+    if task not in TASK_CHANNELS:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_CHANNELS)}")
     if task == "depth":
         paths = path.split(",")
         if len(paths) == 1:

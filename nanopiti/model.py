@@ -16,12 +16,11 @@ import os
 import torch
 import torch.nn as nn
 
+from .conditions import TASK_CHANNELS
 from .encoder import ConditionEncoder, add_text_encoder, encode_text
 from .unet import UNet
 
-TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # condition channels of each task
-UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels",
-             "dropout", "use_scale_shift_norm")
+UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels")
 
 
 class ModelError(ValueError):
@@ -73,8 +72,7 @@ def base_config(kind="piti", super_res=False, task="mask"):
         kind=kind, super_res=super_res, image_size=256 if super_res else 64, model_channels=192,
         num_res_blocks=2 if super_res else 3, channel_mult=[1, 1, 2, 2, 4, 4] if super_res else [1, 2, 3, 4],
         attention_ds=[8, 16, 32] if super_res else [2, 4, 8],  # attention at 32, 16 and 8
-        num_head_channels=64, dropout=0.0, use_scale_shift_norm=True,
-        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        num_head_channels=64, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
                       n_vocab=50257)
@@ -92,7 +90,7 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
-        dropout=0.0, use_scale_shift_norm=True, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,
                       n_vocab=n_vocab)
@@ -144,7 +142,7 @@ def infer_config(state_dict, hints=None):
         if f"{p}input_blocks.{first}.1.qkv.weight" in state_dict:
             attention_ds.append(2 ** level)
     config = dict(kind=kind, super_res=bool(super_res), model_channels=int(mc), num_res_blocks=per_level - 1,
-                  channel_mult=mult, attention_ds=attention_ds, dropout=0.0, use_scale_shift_norm=True,
+                  channel_mult=mult, attention_ds=attention_ds,
                   num_head_channels=hints.get("num_head_channels", 64),
                   image_size=hints.get("image_size", 256 if super_res else 64),
                   noise_schedule="linear" if super_res else "squaredcos_cap_v2")

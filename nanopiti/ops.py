@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - depends on the installation
     _kernels = None
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast precisions
 KERNEL_HEAD_DIMS = (32, 64, 128)  # what the flash-attention kernel is compiled for
 
 

@@ -41,29 +41,27 @@ class GroupNorm32(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
-    """norm-SiLU-conv, then norm with the timestep/condition FiLM, SiLU, dropout, conv; plus skip.
+    """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip.
 
     With `up`/`down` the block also resamples (nearest x2 / average-pool /2) between the first
     norm and the first conv, on both the residual and the skip path (GLIDE's resblock_updown).
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None,
-                 use_scale_shift_norm=True, up=False, down=False):
+    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False):
         super().__init__()
         out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
         # Module indices are kept as in GLIDE (in_layers.0/.2, out_layers.0/.3) so that the
-        # checkpoints load; the SiLUs are fused into the norms, their slots hold Identity.
+        # checkpoints load; the SiLUs are fused into the norms and every released model has
+        # dropout 0, so their slots hold Identity.
         self.in_layers = nn.Sequential(GroupNorm32(channels, silu=True), nn.Identity(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))  # scale and shift
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
         self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(),
-                                        nn.Dropout(dropout), out_conv)
+                                        nn.Identity(), out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
@@ -76,13 +74,8 @@ class ResBlock(nn.Module):
         if self.updown is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.in_layers[2](h)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h, scale, shift)
-        else:
-            h = self.out_layers[0](h + emb_out[..., None, None])
-        h = self.out_layers[3](self.out_layers[2](h))
+        scale, shift = self.emb_layers(emb).type(h.dtype).chunk(2, dim=1)
+        h = self.out_layers[3](self.out_layers[0](h, scale, shift))
         return self.skip_connection(x) + h
 
 
@@ -131,7 +124,7 @@ class TimestepSequential(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """GLIDE's UNetModel (use_scale_shift_norm and resblock_updown as in every released model).
+    """GLIDE's UNetModel with use_scale_shift_norm, resblock_updown and dropout 0, as every released model.
 
     attention_ds: the downsampling factors at which attention blocks sit (e.g. (2, 4, 8) for
     attention at 32, 16, 8 in a 64x64 model). cond_dim: width of the pooled condition token that
@@ -141,9 +134,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
-                 attention_ds=(2, 4, 8), dropout=0.0, channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 use_scale_shift_norm=True, encoder_channels=None, cond_dim=None, super_res=False,
-                 grad_checkpointing=False):
+                 attention_ds=(2, 4, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
+                 encoder_channels=None, cond_dim=None, super_res=False, grad_checkpointing=False):
         super().__init__()
         self.model_channels, self.super_res = model_channels, super_res
         self.grad_checkpointing = grad_checkpointing
@@ -151,7 +143,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **kw)
+            return ResBlock(ch_in, emb_dim, ch_out, **kw)
 
         def attn(ch):
             return AttentionBlock(ch, num_head_channels, encoder_channels)

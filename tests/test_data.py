@@ -223,16 +223,6 @@ def test_augmentation_is_deterministic_and_worker_independent(tmp_path):
     assert all(torch.equal(seen[i], single["cond"][i]) for i in range(4))
 
 
-def test_uncond_p_gives_the_null_condition(tmp_path):
-    rng = np.random.default_rng(5)
-    (tmp_path / "list.txt").write_text("\n".join(_write_pairs(tmp_path, rng, n=2)) + "\n")
-    ds = PairedDataset(str(tmp_path / "list.txt"), "mask", uncond_p=1.0)
-    assert (ds[0]["cond"] == 1).all() and not (ds[0]["image"] == 1).all()
-    ds = PairedDataset(str(tmp_path / "list.txt"), "mask", uncond_p=0.5)
-    null = [bool((ds[i % 2]["cond"] == 1).all()) for ds.epoch in range(40) for i in range(2)]
-    assert 0.25 < np.mean(null) < 0.75
-
-
 def test_toy_dataset_conditions_match_the_scene():
     ds = ToyDataset(3, "mask", resolution=32, cond_size=64, random_flip=False, first_scene=10)
     s = ds[1]

@@ -13,7 +13,7 @@ import torch
 
 import train
 from nanopiti import build_model, load_model, toy_config
-from nanopiti.batches import SyntheticPairs
+from nanopiti.data import SyntheticPairs
 from nanopiti.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,6 +143,21 @@ def test_stage_up_trains_generator_and_discriminator(tmp_path):
         assert {"perceptual", "adv", "disc", "mse", "vb"} <= set(r)
         assert r["perceptual"] > 0 and r["loss"] == pytest.approx(
             r["diffusion"] + 0.004 * r["perceptual"] + 0.01 * r["adv"], rel=1e-5, abs=1e-6)
+
+
+def test_classifier_free_dropout_gives_the_null_condition():
+    """train.py's one way of classifier-free dropout: dropped samples get the null condition (all
+    ones for PITI, the empty caption for GLIDE); the upsampler's low_res is never dropped."""
+    drop = torch.tensor([True, False])
+    piti = build_model(toy_config("piti", super_res=True))
+    batch = {"cond": torch.rand(2, 3, 8, 8) * 2 - 1, "low_res": torch.rand(2, 3, 4, 4)}
+    kwargs, null = train.model_condition(piti, batch, "cpu", drop)
+    assert (kwargs["ref"][0] == 1).all() and torch.equal(kwargs["ref"][1], batch["cond"][1])
+    assert torch.equal(null["ref"], torch.ones_like(batch["cond"])) and torch.equal(kwargs["low_res"], batch["low_res"])
+    glide = build_model(toy_config("glide"))
+    kwargs, null = train.model_condition(glide, {"caption": ["a house on grass", "a tree on sand"]}, "cpu", drop)
+    assert not kwargs["mask"][0].any() and not kwargs["tokens"][0].any() and kwargs["mask"][1].sum() == 4
+    assert not null["mask"].any()
 
 
 def test_prepared_dataset_with_limit_and_previews(tmp_path):

@@ -20,10 +20,10 @@ class ToyDataset(torch.utils.data.Dataset):
     as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
     """
 
-    def __init__(self, num_scenes, task, resolution=64, cond_size=256, uncond_p=0.0,
+    def __init__(self, num_scenes, task, resolution=64, cond_size=256,
                  random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
                  vary_appearance=True):
-        self.transform = PairTransform(task, resolution, cond_size, uncond_p, random_flip,
+        self.transform = PairTransform(task, resolution, cond_size, random_flip,
                                         False, upsampler, low_res)
         self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
         self.seed, self.epoch, self.first_scene = seed, 0, first_scene
