@@ -48,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4, help="for every run (the toy runs are short)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out masks to sample and measure")
     p.add_argument("--sample-steps", default="50", help="base-model respacing for the evaluation")
-    p.add_argument("--guidance", type=float, default=1.0, help="NCF strength for the finetuning ablations")
+    p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -109,10 +109,10 @@ def heldout(n, resolution=32):
     return cond, labels, images
 
 
-def sample_base(path, cond, args, w, kind):
+def sample_base(path, cond, args, w, guidance):
     model = load_model(path)
     g = torch.Generator().manual_seed(args.seed)
-    return sample.sample_base(model, cond, guidance=w, kind=kind, steps=args.sample_steps, generator=g,
+    return sample.sample_base(model, cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
                               progress=False)
 
 
@@ -142,10 +142,10 @@ def evaluate(args):
 
     for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
                  "scratch-100"):
-        measure(name, sample_base(f"{o}/{name}/latest.pt", cond, args, args.guidance, "ncf"))
-    for kind in ("cf", "ncf"):
+        measure(name, sample_base(f"{o}/{name}/latest.pt", cond, args, args.w, "ncf"))
+    for guidance in ("cf", "ncf"):
         for w in (1.0, 3.0, 5.0):
-            measure(f"{kind} w={w:g}", sample_base(f"{o}/two-stage/latest.pt", cond, args, w, kind))
+            measure(f"{guidance} w={w:g}", sample_base(f"{o}/two-stage/latest.pt", cond, args, w, guidance))
     real_up = heldout(args.eval_n, resolution=64)[2]
     for name in ("up-diffusion", "up-perceptual", "up-full"):
         samples = upsample(f"{o}/{name}/latest.pt", cond, real, args)
@@ -165,7 +165,7 @@ def evaluate(args):
 def write_table(rows, judge_info, args, seconds):
     lines = [f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}; "
              f"{args.eval_n} held-out masks, base sampled with {args.sample_steps} DDPM steps, "
-             f"NCF w = {args.guidance:g} unless named; upsampler {args.up_steps} steps, fast27. "
+             f"NCF w = {args.w:g} unless named; upsampler {args.up_steps} steps, fast27. "
              f"Judge: toy segmenter, held-out mIoU {judge_info.get('heldout_miou', float('nan')):.3f}. "
              f"Wall time {seconds / 60:.0f} min.", "",
              "| run | mIoU (higher: more faithful) | toy FID (lower: more real) | saturation | HF energy |",

@@ -54,7 +54,7 @@ from nanopiti.model import UNET_KEYS, base_config, infer_config, load_model, toy
 from nanopiti.ops import DTYPES
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
-from nanopiti.timesteps import LossAwareSampler
+from nanopiti.timesteps import LossAwareTimesteps
 from toyworld.data import ToyDataset
 from toyworld.world import TOY_SCENES, ToyTokenizer, ToyWorldError
 
@@ -89,7 +89,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as min(ema, (1+n)/(10+n)))")
     p.add_argument("--uncond-p", type=float, help="null-condition probability (default 0.2; 0 for stage up)")
-    p.add_argument("--schedule-sampler", choices=["uniform", "loss-aware"], default="uniform")
+    p.add_argument("--timesteps", choices=["uniform", "loss-aware"], default="uniform", help="timestep sampling")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
@@ -263,26 +263,27 @@ def make_dataset(args, config, split):
     return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
 
 
-def model_condition(model, batch, device, drop=None):
-    """(condition kwargs, null-condition kwargs) of a batch for the model's forward.
+def model_kwargs(model, batch, device, drop=None):
+    """(kwargs, null kwargs): the model's keyword arguments for a batch, and their null condition.
 
-    PITI: ref = the condition image; its null is all ones (as the released models).
-    GLIDE: tokens and mask of the caption; its null is the empty caption (all padding).
+    PITI: cond, the condition picture; its null is all ones (as the released models).
+    GLIDE: text and text_mask of the caption; its null is the empty caption (all padding).
     `drop` (B,) bool replaces the condition by the null one: classifier-free dropout."""
     config = model.config
     if config["kind"] == "piti":
-        cond = {"ref": batch["cond"].to(device)}
-    elif "tokens" in batch:
-        cond = {"tokens": batch["tokens"].to(device), "mask": batch["text_mask"].to(device)}
+        kwargs = {"cond": batch["cond"].to(device)}
+    elif "text" in batch:
+        kwargs = {"text": batch["text"].to(device), "text_mask": batch["text_mask"].to(device)}
     else:
         pairs = [ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]]
-        cond = {"tokens": torch.stack([p[0] for p in pairs]).to(device), "mask": torch.stack([p[1] for p in pairs]).to(device)}
-    null = {k: (torch.ones_like if k == "ref" else torch.zeros_like)(v) for k, v in cond.items()}
+        kwargs = {"text": torch.stack([p[0] for p in pairs]).to(device),
+                  "text_mask": torch.stack([p[1] for p in pairs]).to(device)}
+    null = {k: (torch.ones_like if k == "cond" else torch.zeros_like)(v) for k, v in kwargs.items()}
     if drop is not None:
-        cond = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in cond.items()}
+        kwargs = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in kwargs.items()}
     if config["super_res"]:
-        cond["low_res"] = batch["low_res"].to(device)
-    return cond, null
+        kwargs["low_res"] = batch["low_res"].to(device)
+    return kwargs, null
 
 
 # --- distributed setup and previews ---
@@ -303,13 +304,13 @@ def setup_distributed():
 def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
     config = ema.config
-    sampler = model_diffusion(config["noise_schedule"], diffusion_steps)
-    cond, null = model_condition(ema, batch, device)
-    kind = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
-    model_fn = make_guided_model_fn(ema, cond, null, args.sample_w, kind)
+    diffusion = model_diffusion(config["noise_schedule"], diffusion_steps)
+    kwargs, null_kwargs = model_kwargs(ema, batch, device)
+    guidance = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
+    model_fn = make_guided_model_fn(ema, kwargs, null_kwargs, args.sample_w, guidance)
     n, r = batch["image"].shape[0], config["image_size"]
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same noise in every preview
-    loop = sampler.ddim_sample_loop if diffusion_steps.startswith("ddim") else sampler.p_sample_loop
+    loop = diffusion.ddim_sample_loop if diffusion_steps.startswith("ddim") else diffusion.p_sample_loop
     with autocast:
         out = loop(model_fn, (n, 3, r, r), temperature=0.997 if config["super_res"] else 1.0,
                    device=device, generator=generator, progress=False)
@@ -325,9 +326,8 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
 def measure_condition(ema, probe, device, autocast):
     """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
     noise-prediction error at t = 300, 500, 700 (nanopiti.guidance.condition_use; 1 = ignored)."""
-    cond, null = model_condition(ema, probe, device)
     with autocast:
-        use = condition_use(ema, probe["image"].to(device), cond, null)
+        use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
     return {t: round(v["ratio"], 4) for t, v in use.items()}
 
 
@@ -394,7 +394,7 @@ def train(args):
                                                     broadcast_buffers=False) if world > 1 else model
 
     diffusion = model_diffusion(config["noise_schedule"])
-    loss_aware = LossAwareSampler(diffusion.num_timesteps) if args.schedule_sampler == "loss-aware" else None
+    loss_aware = LossAwareTimesteps(diffusion.num_timesteps) if args.timesteps == "loss-aware" else None
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same on every process
 
     # The upsampler's extra losses: perceptual (frozen VGG) and adversarial (its own optimizer).
@@ -420,8 +420,8 @@ def train(args):
             disc_opt.load_state_dict(ckpt["disc_optimizer"])
         if scaler.is_enabled() and "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
-        if loss_aware is not None and "sampler" in ckpt:
-            loss_aware.load_state_dict(ckpt["sampler"])
+        if loss_aware is not None and "timesteps" in ckpt:
+            loss_aware.load_state_dict(ckpt["timesteps"])
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
 
@@ -434,7 +434,7 @@ def train(args):
         if scaler.is_enabled():
             state["scaler"] = scaler.state_dict()
         if loss_aware is not None:
-            state["sampler"] = loss_aware.state_dict()
+            state["timesteps"] = loss_aware.state_dict()
         return state
 
     # Data: this process's slice of every global batch, from the resumed step on.
@@ -480,12 +480,12 @@ def train(args):
         mine = slice(rank * local_batch, (rank + 1) * local_batch)
         t, weights, noise, drop, mix = t_all[mine], w_all[mine], noise_all[mine], drop_all[mine], mix_all[mine]
         x0 = batch["image"].to(device)
-        cond, _ = model_condition(model, batch, device, drop)
+        kwargs, _ = model_kwargs(model, batch, device, drop)
 
         terms, per_sample, fakes = {}, [], []
         chunks = [slice(i, min(i + micro, local_batch)) for i in range(0, local_batch, micro)]
         for i, sl in enumerate(chunks):
-            kw = {k: v[sl] for k, v in cond.items()}
+            kw = {k: v[sl] for k, v in kwargs.items()}
             # DDP all-reduces gradients in the backward; only the last micro-batch needs it.
             sync = contextlib.nullcontext() if (world == 1 or i == len(chunks) - 1) else net.no_sync()
             with sync:

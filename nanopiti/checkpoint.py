@@ -10,7 +10,7 @@ A nanopiti training checkpoint is one dict that `torch.load(..., weights_only=Tr
     scaler            the fp16 GradScaler's state (fp16 runs only)
     step, stage, task, args
     rng               the random generator states, as tensors
-    sampler           the loss-aware timestep sampler's loss history, as tensors
+    timesteps         the loss-aware timestep sampling's loss history, as tensors
 
 Atomic writes: a crash (power loss, kill -9, a full disk) while a checkpoint is being written
 must never destroy the previous one. So the new checkpoint goes to a temporary file in the same

@@ -350,7 +350,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
         g, c, r = torch.Generator().manual_seed(index), self.config, self.config["image_size"]
         sample = {"image": torch.rand(3, r, r, generator=g) * 2 - 1}
         if c["kind"] == "glide":
-            sample["tokens"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
+            sample["text"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
             sample["text_mask"] = torch.ones(c["text_ctx"], dtype=torch.bool)
         else:
             size = c["cond_size"]

@@ -11,7 +11,7 @@
   embeddings, transformer, final LayerNorm) for text-conditioned pretraining; the last token's
   output is the pooled latent.
 
-Both return (pooled (B, W), tokens (B, W, L)), the `cond` argument of `nanopiti.unet.UNet`.
+Both return (pooled (B, W), tokens (B, W, L)), the encoder's output that `nanopiti.unet.UNet` takes.
 """
 
 import torch
@@ -110,8 +110,8 @@ class ConditionEncoder(nn.Module):
         tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input
         self.positional_embedding = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.01)
 
-    def forward(self, ref):
-        x = self.cnn(ref).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
+    def forward(self, cond):
+        x = self.cnn(cond).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
         x = x + self.positional_embedding[:, 1:]
         # PITI appends the cls token at the end (with position 0), so it plays the role of
         # GLIDE's last text token, whose output is the pooled latent.
@@ -132,12 +132,12 @@ def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_voca
     module.padding_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01) if padding else None
 
 
-def encode_text(module, tokens, mask):
-    """Run the text encoder attached by `add_text_encoder`. tokens (B, text_ctx) int, mask
+def encode_text(module, text, text_mask):
+    """Run the text encoder attached by `add_text_encoder`. text (B, text_ctx) token ids, text_mask
     (B, text_ctx) bool, False at padding. The last token's output is the pooled latent."""
-    x = module.token_embedding(tokens.long()) + module.positional_embedding[None]
+    x = module.token_embedding(text.long()) + module.positional_embedding[None]
     if module.padding_embedding is not None:
-        x = torch.where(mask[..., None], x, module.padding_embedding[None])
+        x = torch.where(text_mask[..., None], x, module.padding_embedding[None])
     x = module.transformer(x)
     if module.final_ln is not None:
         x = module.final_ln(x)

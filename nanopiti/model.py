@@ -1,9 +1,9 @@
 """The two models and the checkpoint loader.
 
 * `GlideText`: GLIDE's text-conditioned UNet (base 64x64 or the 64->256 upsampler), the
-  pretrained prior of the paper (section 3.2). `model(x_t, t, tokens=..., mask=..., low_res=...)`.
+  pretrained prior of the paper (section 3.2). `model(x_t, t, text=..., text_mask=..., low_res=...)`.
 * `PITI`: `encoder` (the task's ConditionEncoder) + `decoder` (the GLIDE UNet with its
-  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, ref=..., low_res=...)`.
+  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, cond=..., low_res=...)`.
 * `load_model(path_or_state_dict)`: recognises a GLIDE or PITI checkpoint (released or nanopiti's)
   from its keys and shapes, builds the model with the right hyper-parameters, loads the weights
   strictly and returns it in eval mode.
@@ -38,11 +38,11 @@ class GlideText(UNet):
                          config["n_vocab"], config["xf_final_ln"], config["xf_padding"])
         self.config = dict(config)
 
-    def encode(self, tokens, mask):
-        return encode_text(self, tokens, mask)
+    def encode(self, text, text_mask):
+        return encode_text(self, text, text_mask)
 
-    def forward(self, x, timesteps, tokens=None, mask=None, low_res=None):
-        return super().forward(x, timesteps, self.encode(tokens, mask), low_res)
+    def forward(self, x, timesteps, text=None, text_mask=None, low_res=None):
+        return super().forward(x, timesteps, *self.encode(text, text_mask), low_res)
 
 
 class PITI(nn.Module):
@@ -58,11 +58,11 @@ class PITI(nn.Module):
                             encoder_channels=width, cond_dim=width, **unet)
         self.config = dict(config)
 
-    def encode(self, ref):
-        return self.encoder(ref)
+    def encode(self, cond):
+        return self.encoder(cond)
 
-    def forward(self, x, timesteps, ref=None, low_res=None):
-        return self.decoder(x, timesteps, self.encode(ref), low_res)
+    def forward(self, x, timesteps, cond=None, low_res=None):
+        return self.decoder(x, timesteps, *self.encode(cond), low_res)
 
 
 def base_config(kind="piti", super_res=False, task="mask"):

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 
-class LossAwareSampler:
+class LossAwareTimesteps:
     """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]).
 
     Until every timestep has `history_per_term` recorded losses the sampling is

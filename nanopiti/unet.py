@@ -96,13 +96,13 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x, cond_tokens=None):
+    def forward(self, x, tokens=None):
         b, c, *spatial = x.shape
         heads, d = self.num_heads, c // self.num_heads
         qkv = self.qkv(self.norm(x).view(b, c, -1))  # (B, 3C, L)
         q, k, v = qkv.view(b, heads, 3 * d, -1).split(d, dim=2)  # each (B, H, D, L)
-        if self.encoder_kv is not None and cond_tokens is not None:
-            ek, ev = self.encoder_kv(cond_tokens).view(b, heads, 2 * d, -1).split(d, dim=2)
+        if self.encoder_kv is not None and tokens is not None:
+            ek, ev = self.encoder_kv(tokens).view(b, heads, 2 * d, -1).split(d, dim=2)
             k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
         h = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # (B, H, L, D)
         h = h.transpose(-1, -2).reshape(b, c, -1)
@@ -112,12 +112,12 @@ class AttentionBlock(nn.Module):
 class TimestepSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: ResBlocks the embedding, attention the tokens."""
 
-    def forward(self, h, emb, cond_tokens):
+    def forward(self, h, emb, tokens):
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, AttentionBlock):
-                h = layer(h, cond_tokens)
+                h = layer(h, tokens)
             else:
                 h = layer(h)
         return h
@@ -182,27 +182,25 @@ class UNet(nn.Module):
         if cond_dim is not None:
             self.transformer_proj = nn.Linear(cond_dim, emb_dim)
 
-    def _run(self, block, h, emb, cond_tokens):
+    def _run(self, block, h, emb, tokens):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, cond_tokens, use_reentrant=False)
-        return block(h, emb, cond_tokens)
+            return checkpoint(block, h, emb, tokens, use_reentrant=False)
+        return block(h, emb, tokens)
 
-    def forward(self, x, timesteps, cond=None, low_res=None):
-        """x (B, 3, H, W) noisy image, timesteps (B,) as the network sees them, cond = (pooled
-        (B, W), tokens (B, W, L)) from an encoder or None, low_res (B, 3, h, w) for super-res."""
+    def forward(self, x, timesteps, pooled=None, tokens=None, low_res=None):
+        """x (B, 3, H, W) noisy image, timesteps (B,) as the network sees them, the encoder's output
+        pooled (B, W) and tokens (B, W, L) (None: no condition), low_res (B, 3, h, w) for super-res."""
         if self.super_res:
             upsampled = F.interpolate(low_res, x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, upsampled], dim=1)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        cond_tokens = None
-        if cond is not None:
-            pooled, cond_tokens = cond
+        if pooled is not None:
             emb = emb + self.transformer_proj(pooled).to(emb)
         h, skips = x, []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, cond_tokens)
+            h = self._run(block, h, emb, tokens)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, cond_tokens)
+        h = self._run(self.middle_block, h, emb, tokens)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, cond_tokens)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, tokens)
         return self.out[2](self.out[0](h))

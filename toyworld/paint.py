@@ -146,7 +146,7 @@ class Painter:
         self.blotch = _fractal_noise(rng, size, (3, 6, 12, 24))  # large-scale color variation
         # light comes from the sun's side of the picture (either side when there is no sun)
         self.light_x = rng.choice([-1.0, 1.0]) if layout.sun is None else (1.0 if layout.sun[0] > 0.5 else -1.0)
-        self.objects = []  # (kind, detail, part ids) per object, for the caption
+        self.objects = []  # ("house" or "tree", detail, part ids) per object, for the caption
         self.snow = np.zeros((size, size), bool)  # snow-covered mountain pixels, for the caption
 
     def textured(self, shape, color, amount=0.05):

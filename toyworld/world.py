@@ -217,10 +217,10 @@ def _caption(painter):
     area = float(size * size)
     named = np.bincount(cv.label.ravel(), minlength=len(TOY_CLASSES)) / area >= MIN_NAMED_FRACTION
     visible = np.bincount(cv.part.ravel(), minlength=cv.parts) / area
-    seen = [(kind, detail) for kind, detail, parts in painter.objects
+    seen = [(what, detail) for what, detail, parts in painter.objects
             if visible[parts].sum() >= MIN_NAMED_FRACTION]
-    houses = [detail for kind, detail in seen if kind == "house"]
-    trees = [detail for kind, detail in seen if kind == "tree"]
+    houses = [detail for what, detail in seen if what == "house"]
+    trees = [detail for what, detail in seen if what == "tree"]
     things = []
     if houses:
         things.append(_counted(len(houses), "house", houses[0] if len(set(houses)) == 1 else None))
