@@ -36,7 +36,6 @@ from toyworld.judge import evaluate_samples, get_segmenter
 from nanopiti.pictures import save_grid
 from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prior-base", default="checkpoints/toy_prior_base.pt")
@@ -53,16 +52,13 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
-
-# ----------------------------------------------------------------------------- training runs
-
+# --- training runs ---
 
 def train_command(args, stage, out, init, steps, *extra):
     return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
             "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--seed", str(args.seed), "--save-every", str(steps), "--sample-every", "0", "--workers", "0",
             "--resume", "auto", *extra]
-
 
 def plan(args):
     """name -> list of train.py commands run one after the other (a chain of stages)."""
@@ -84,7 +80,6 @@ def plan(args):
                                       "--perc-weight", str(perc), "--adv-weight", str(adv), "--batch-size", "4")]
     return chains
 
-
 def run_chain(commands):
     for cmd in commands:
         out = cmd[cmd.index("--out") + 1]
@@ -95,9 +90,7 @@ def run_chain(commands):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed; see {out}.log")
 
-
-# ----------------------------------------------------------------------------- evaluation
-
+# --- evaluation ---
 
 def heldout(n, resolution=32):
     """Held-out toy scenes: conditions (128x128 masks), class-id labels, real images at `resolution`."""
@@ -108,24 +101,20 @@ def heldout(n, resolution=32):
     labels = np.stack([render_scene(HELDOUT_SEED0 + i, 128).label for i in range(n)])
     return cond, labels, images
 
-
 def sample_base(path, cond, args, w, guidance):
     model = load_model(path)
     g = torch.Generator().manual_seed(args.seed)
     return sample.sample_base(model, cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
                               progress=False)
 
-
 def upsample(path, cond, low_res, args):
     model = load_model(path)
     g = torch.Generator().manual_seed(args.seed)
     return sample.sample_upsampler(model, cond, low_res, generator=g, progress=False)
 
-
 def grid(columns, path, rows=4):
     """The first `rows` examples of each N x 3 x H x W column, one row per example."""
     save_grid([col[:rows] for col in columns], path)
-
 
 def evaluate(args):
     torch.manual_seed(args.seed)
@@ -161,7 +150,6 @@ def evaluate(args):
     grid([real] + [pictures[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
     return rows, judge.info
 
-
 def write_table(rows, judge_info, args, seconds):
     lines = [f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}; "
              f"{args.eval_n} held-out masks, base sampled with {args.sample_steps} DDPM steps, "
@@ -177,7 +165,6 @@ def write_table(rows, judge_info, args, seconds):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
-
 def main(argv=None):
     args = parse_args(argv)
     for path in (args.prior_base, args.prior_up):
@@ -192,7 +179,6 @@ def main(argv=None):
     rows, judge_info = evaluate(args)
     write_table(rows, judge_info, args, time.time() - start)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,6 @@ from nanopiti.guidance import GUIDANCES
 from nanopiti.ops import DTYPES, use_kernels
 from nanopiti.pictures import quantize
 
-
 def randomize_untrained_(model, seed=0):
     """Fill the parameters that start at zero (GLIDE zero-initializes every block's last layer) with
     small noise, so that random weights give a non-trivial network, as a trained one is."""
@@ -29,7 +28,6 @@ def randomize_untrained_(model, seed=0):
             if not p.any():
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return model
-
 
 def bench(args, device, dtype):
     """Seconds per image of the whole pipeline (base + upsampler) with random PITI mask models."""
@@ -69,7 +67,6 @@ def bench(args, device, dtype):
           f"{(t_base + t_sr) / n:.3f} s per {size}x{size} image "
           f"(base {t_base / n:.3f} s, upsampler {t_sr / n:.3f} s){memory}")
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", choices=["full", "toy"], default="full", help="the released model sizes or the toy ones")
@@ -93,7 +90,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,10 +50,8 @@ TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prio
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_W = 0.3  # the released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention
 
-
 class SampleError(ValueError):
     """Bad command-line input for sampling: the message says what is wrong and what to do."""
-
 
 # --- models and conditions ---
 
@@ -73,7 +71,6 @@ def load_piti(path, upsampler):
         raise SampleError(f"{path}: {flag} needs a PITI {role} but this is {other}; give it as {where}")
     return model
 
-
 def check_pair(base, sr, task):
     """The task the models were finetuned for, checked against --task and between the two models."""
     model_task = base.config["task"]
@@ -87,7 +84,6 @@ def check_pair(base, sr, task):
             raise SampleError(f"the upsampler makes {sr.config['image_size']}px images, not more than the base "
                               f"model's {base.config['image_size']}px; are the checkpoints of one release?")
     return model_task
-
 
 def find_conditions(spec, task):
     """--cond -> list of condition paths: one image, every image in a folder, or a list file.
@@ -119,7 +115,6 @@ def find_conditions(spec, task):
         raise SampleError(f"--cond {spec}: the list file names no conditions")
     return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
 
-
 def check_toy_defaults(args, paths, conds):
     """The default models are the toy world's: a mask with other classes gets an error that says so."""
     if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
@@ -137,7 +132,6 @@ def check_toy_defaults(args, paths, conds):
                 "repository): --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --palette coco; or train your own from "
                 "GLIDE's prior (python -m nanopiti.download glide-base glide-upsample, then train.py)")
 
-
 def output_stems(paths):
     """A distinct file-name stem per condition: "a/x.png" -> "x" (depth: "x_depth.png" -> "x")."""
     stems, seen = [], {}
@@ -147,7 +141,6 @@ def output_stems(paths):
         seen[stem] = seen.get(stem, 0) + 1
         stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return stems
-
 
 def output_files(out, paths, num):
     """Per condition: ([its sample files], its grid file); never one of the condition files."""
@@ -162,13 +155,11 @@ def output_files(out, paths, num):
         raise SampleError(f"--out {out} would overwrite the condition {clash}; give another --out")
     return outputs
 
-
 # --- the pipeline ---
 
 def _autocast(device, dtype):
     """Autocast in `dtype` on a GPU; the CPU always computes in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
-
 
 def encode(model, cond, dtype):
     """The task encoder's output for a batch of conditions, as decoder keyword arguments.
@@ -179,7 +170,6 @@ def encode(model, cond, dtype):
         pooled, tokens = model.encode(cond)
     return {"pooled": pooled, "tokens": tokens}
 
-
 def decoder_call(model, dtype, cuda_graph=False):
     """model_call(x_t, t, pooled=, tokens=, low_res=) -> B x 6 x H x W in fp32 for the diffusion:
     the same as model(x_t, t, cond=..., low_res=...) with the condition encoded beforehand."""
@@ -187,7 +177,6 @@ def decoder_call(model, dtype, cuda_graph=False):
         with _autocast(x.device, dtype):
             return model.decoder(x, t, pooled, tokens, low_res).float()
     return graphed(call) if cuda_graph else call
-
 
 def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
                 generator=None, dtype=torch.float32, cuda_graph=False, progress=True):
@@ -218,7 +207,6 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
         model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
         generator=generator, progress=progress)
 
-
 # --- the command line ---
 
 def parse_args(argv=None):
@@ -248,7 +236,6 @@ def parse_args(argv=None):
     p.add_argument("--no-cuda-graph", action="store_true", help="launch the decoder's kernels one by one")
     return p.parse_args(argv)
 
-
 def resolve_device(name, dtype_name):
     try:
         device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
@@ -262,7 +249,6 @@ def resolve_device(name, dtype_name):
             print(f"note: --dtype {dtype_name} is a GPU option; the CPU samples in fp32", file=sys.stderr)
         return device, torch.float32
     return device, DTYPES[dtype_name or "bf16"]
-
 
 def check_options(args):
     for name in ("num", "batch_size"):
@@ -285,7 +271,6 @@ def check_options(args):
     if problem:
         raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
                           "that can be written")
-
 
 def run(args, device, dtype):
     if not args.cond:
@@ -346,10 +331,8 @@ def run(args, device, dtype):
     print(f"wrote {len(items)} sample(s) and {len(paths)} grid(s) to {folder} "
           f"({elapsed:.1f} s, {elapsed / len(items):.2f} s per image)")
 
-
 def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -365,7 +348,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

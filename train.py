@@ -62,10 +62,8 @@ DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode":
 DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
 PROBE_PAIRS = 16  # held-out pairs of the condition measure (its previews: the first --num-samples)
 
-
 class TrainError(ValueError):
     """A training run that cannot start or go on; the message says why and what to do."""
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train nanopiti (see the module docstring).")
@@ -119,7 +117,6 @@ def get_args(argv=None):
     args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
     return args
 
-
 def check_args(args):
     """Every option, checked before any work starts: one line naming the option and what to do."""
     def need(ok, name, what):
@@ -152,7 +149,6 @@ def check_args(args):
             raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
                              "--resume auto, or give a new --out")
 
-
 # --- the model each stage starts from (paper section 3.3) ---
 
 INIT_HINT = {
@@ -165,13 +161,11 @@ INIT_HINT = {
 # The text encoder's parameters in a GLIDE checkpoint: everything else is the UNet.
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
 
-
 def template(args, kind, super_res):
     """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
     if args.model_size == "toy":
         return toy_config(kind, super_res, args.task, n_vocab=len(ToyTokenizer.VOCAB))
     return base_config(kind, super_res, args.task)
-
 
 def read_init(args):
     """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
@@ -189,7 +183,6 @@ def read_init(args):
         return load_model({"state_dict": obj, "config": template(args, inferred["kind"], inferred["super_res"])})
     except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
         raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
-
 
 def initial_model(args):
     """The model a fresh run starts from. Stage 0: a new text prior. Stage 1 (and stage 2 or up
@@ -227,7 +220,6 @@ def initial_model(args):
     model.decoder.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith(TEXT_KEYS)})
     return model
 
-
 # --- the data ---
 
 def list_file(args, split):
@@ -237,7 +229,6 @@ def list_file(args, split):
         return None
     return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
 
-
 def check_data(args):
     """Fail early, before loading any weights, when the training pairs are not there."""
     path = list_file(args, "train")
@@ -245,7 +236,6 @@ def check_data(args):
         where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
         raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
                          f"python prepare_data.py --data {args.data}{where} {os.path.dirname(path) or '.'}")
-
 
 def make_dataset(args, config, split):
     """The training ("train") or preview ("val") dataset for this run."""
@@ -261,7 +251,6 @@ def make_dataset(args, config, split):
     if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
         return make_dataset(args, config, "train")
     return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
-
 
 def model_kwargs(model, batch, device, drop=None):
     """(kwargs, null kwargs): the model's keyword arguments for a batch, and their null condition.
@@ -285,7 +274,6 @@ def model_kwargs(model, batch, device, drop=None):
         kwargs["low_res"] = batch["low_res"].to(device)
     return kwargs, null
 
-
 # --- distributed setup and previews ---
 
 def setup_distributed():
@@ -298,7 +286,6 @@ def setup_distributed():
     if cuda:
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
-
 
 @torch.no_grad()
 def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
@@ -321,7 +308,6 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
 
-
 @torch.no_grad()
 def measure_condition(ema, probe, device, autocast):
     """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
@@ -329,7 +315,6 @@ def measure_condition(ema, probe, device, autocast):
     with autocast:
         use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
     return {t: round(v["ratio"], 4) for t, v in use.items()}
-
 
 # --- training ---
 
@@ -581,7 +566,6 @@ def train(args):
         dist.barrier()
         dist.destroy_process_group()
 
-
 def main(argv=None):
     args = get_args(argv)
     try:
@@ -593,7 +577,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while writing a checkpoint (the previous one stays intact)
         sys.exit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}")
-
 
 if __name__ == "__main__":
     main()

@@ -32,13 +32,11 @@ else:
     def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
         raise ImportError("kernels.groupnorm_silu needs Triton (pip install triton); use the PyTorch path instead")
 
-
 def kernels_available(tensor):
     """True when the Triton kernels should handle `tensor` (see the module docstring)."""
     mode = os.environ.get("NANOPITI_KERNELS", "")
     if mode == "0" or not _HAVE_TRITON:
         return False
     return tensor.is_cuda or mode == "1"
-
 
 __all__ = ["attention", "groupnorm_silu", "kernels_available"]

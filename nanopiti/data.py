@@ -36,7 +36,6 @@ from .colormap import in_palette, labels_to_color
 from .conditions import (TASK_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
                          normals_from_depth, sketch_to_condition)
 
-
 class DataError(Exception):
     """A data file that cannot be used: unreadable, wrong size, wrong channels, missing.
 
@@ -47,10 +46,7 @@ class DataError(Exception):
         super().__init__(message)
         self.reason = reason
 
-
-# ---------------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------------
+# --- Reading files ---
 
 def open_image(path):
     """Open and fully decode an image, turning every PIL/OS failure into a one-line DataError."""
@@ -62,7 +58,6 @@ def open_image(path):
         raise DataError(f"{path}: no such file", reason="missing file") from None
     except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-
 
 def label_image_to_color(img, palette="coco", name="label map"):
     """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
@@ -86,7 +81,6 @@ def label_image_to_color(img, palette="coco", name="label map"):
     raise DataError(f"{name} has mode {img.mode}; expected an RGB color-coded map or "
                     "single-channel class indices", reason="wrong channels")
 
-
 def read_list(list_file):
     """Parse a list file: one pair per line, "image<TAB>condition[<TAB>caption]", paths
     relative to the list file; a condition made of several files lists them comma-separated
@@ -107,21 +101,16 @@ def read_list(list_file):
             entries.append((image, conds, caption, number))
     return entries
 
-
-# ---------------------------------------------------------------------------------------------
-# Geometry shared by the datasets
-# ---------------------------------------------------------------------------------------------
+# --- Geometry shared by the datasets ---
 
 def shorter_side_size(w, h, size):
     """(w, h) -> the size whose shorter side is `size` (longer side truncated, as PITI does)."""
     return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
 
-
 def _resize(arr, size, resample):
     if (arr.shape[1], arr.shape[0]) == size:
         return arr
     return np.asarray(Image.fromarray(arr).resize(size, resample))
-
 
 def _to_unit(arr):
     """HxWxC (or HxW) uint8 -> CxHxW float32 numpy array in [-1, 1].
@@ -132,10 +121,8 @@ def _to_unit(arr):
     x = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(x[None] if x.ndim == 2 else x.transpose(2, 0, 1))
 
-
 def _to_tensor(arr):
     return torch.from_numpy(_to_unit(arr))
-
 
 class PairTransform:
     """Resize / crop / flip an image and its condition arrays together, then encode them."""
@@ -180,14 +167,10 @@ class PairTransform:
             sample["low_res"] = torch.from_numpy(low)
         return sample
 
-
 def sample_rng(seed, epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
+# --- Datasets ---
 
 class PairedDataset(torch.utils.data.Dataset):
     """Pairs from a list file written by prepare_data.py (see `read_list` for the format).
@@ -281,12 +264,10 @@ class PairedDataset(torch.utils.data.Dataset):
         reasons = ", ".join(f"{k}: {len(v)} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
         return f"{self.list_file}: {len(self.entries) - len(self._bad)} usable pairs, {n_skipped} skipped ({reasons})"
 
-
 def collate_skip_none(batch):
     """DataLoader collate that drops the (rare) None samples instead of crashing the epoch."""
     batch = [b for b in batch if b is not None]
     return torch.utils.data.default_collate(batch) if batch else None
-
 
 class EpochIndexed(torch.utils.data.Dataset):
     """Reads keys (epoch, index): the augmentation of a sample depends on its epoch (set_epoch),
@@ -302,7 +283,6 @@ class EpochIndexed(torch.utils.data.Dataset):
         epoch, index = key
         self.dataset.set_epoch(epoch)
         return self.dataset[index]
-
 
 class StepBatches(torch.utils.data.Sampler):
     """This process's share of the global batch of every step, from `start` on.
@@ -333,7 +313,6 @@ class StepBatches(torch.utils.data.Sampler):
             first = step * self.batch + self.rank * share
             yield [self._item(p) for p in range(first, first + share)]
 
-
 class SyntheticPairs(torch.utils.data.Dataset):
     """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
 
@@ -359,10 +338,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
             sample["low_res"] = torch.rand(3, self.low_res, self.low_res, generator=g) * 2 - 1
         return sample
 
-
-# ---------------------------------------------------------------------------------------------
-# One condition from a user's file (sample.py)
-# ---------------------------------------------------------------------------------------------
+# --- One condition from a user's file (sample.py) ---
 
 def load_condition_image(path, task, palette=None, size=256):
     """A condition picture of any size -> C x size x size float tensor in [-1, 1].
@@ -403,7 +379,6 @@ def load_condition_image(path, task, palette=None, size=256):
         raise DataError(f"{path}: a label map must be RGB (color-coded) or single-channel class "
                         f"indices, got mode {img.mode} ({len(img.getbands())} channels)")
     return _to_tensor(color)
-
 
 def _warn_off_palette(path, color, palette):
     """Colors outside the palette mean an antialiased or foreign map: usable, but say so."""

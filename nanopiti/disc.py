@@ -28,7 +28,6 @@ import torch.nn as nn
 
 GAN_LOSSES = ("wgan-gp", "hinge")
 
-
 class PatchDiscriminator(nn.Module):
     """pix2pix's NLayerDiscriminator: 3 stride-2 layers then 2 stride-1 layers (70x70 patches)."""
 
@@ -48,11 +47,9 @@ class PatchDiscriminator(nn.Module):
         """x (B, 3, H, W) in [-1, 1] -> (B, 1, h, w) patch scores (higher = more real)."""
         return self.model(x)
 
-
 def _check(loss):
     if loss not in GAN_LOSSES:
         raise ValueError(f"unknown GAN loss {loss!r}; use one of {', '.join(GAN_LOSSES)}")
-
 
 def discriminator_loss(disc, real, fake, loss="wgan-gp", mix=None, gp_weight=10.0):
     """The critic's loss on one batch (a scalar). `fake` must be detached from the generator.
@@ -70,13 +67,11 @@ def discriminator_loss(disc, real, fake, loss="wgan-gp", mix=None, gp_weight=10.
     penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
     return d_fake.mean() - d_real.mean() + gp_weight * penalty
 
-
 def generator_loss(disc, fake, loss="wgan-gp"):
     """The generator's adversarial loss, per sample (B,): minus the mean patch score of its fakes.
     (The same for both losses: hinge GANs also train the generator on -D(fake).)"""
     _check(loss)
     return -disc(fake).mean(dim=(1, 2, 3))
-
 
 def critic_step(disc, opt, reals, fakes, loss_name, mixes, batch_size):
     """One step of the critic on this process's micro-batches; returns the summed loss (a tensor).

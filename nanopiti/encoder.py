@@ -19,13 +19,11 @@ import torch.nn as nn
 
 from .ops import attention
 
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as GLIDE does."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
-
 
 class MultiheadAttention(nn.Module):
     def __init__(self, width, heads):
@@ -42,7 +40,6 @@ class MultiheadAttention(nn.Module):
         h = attention(q, k, v).transpose(1, 2).reshape(b, n, w)
         return self.c_proj(h)
 
-
 class MLP(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -52,7 +49,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
-
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
@@ -66,7 +62,6 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
@@ -76,7 +71,6 @@ class Transformer(nn.Module):
         for block in self.resblocks:
             x = block(x)
         return x
-
 
 class ConditionCNN(nn.Module):
     """7x7 conv then four stride-2 3x3 convs (InstanceNorm + LeakyReLU), then a 3x3 conv: 256 -> 16.
@@ -96,7 +90,6 @@ class ConditionCNN(nn.Module):
         for i in range(1, 6):
             x = self.act(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)))
         return self.conv6(x)
-
 
 class ConditionEncoder(nn.Module):
     """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm."""
@@ -119,7 +112,6 @@ class ConditionEncoder(nn.Module):
         x = self.final_ln(self.transformer(torch.cat([x, cls], dim=1)))
         return x[:, -1], x[:, :-1].transpose(1, 2)
 
-
 def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257,
                      final_ln=True, padding=True):
     """Give `module` GLIDE's text encoder: token, positional and padding embeddings, transformer,
@@ -130,7 +122,6 @@ def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_voca
     module.token_embedding = nn.Embedding(n_vocab, width)
     module.positional_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01)
     module.padding_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01) if padding else None
-
 
 def encode_text(module, text, text_mask):
     """Run the text encoder attached by `add_text_encoder`. text (B, text_ctx) token ids, text_mask

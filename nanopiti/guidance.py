@@ -33,15 +33,12 @@ from .diffusion import model_diffusion
 
 GUIDANCES = ("ncf", "cf", "none")
 
-
 class GuidanceError(ValueError):
     """Guidance settings or conditions that cannot be used."""
-
 
 def _check(guidance):
     if guidance not in GUIDANCES:
         raise GuidanceError(f"unknown guidance {guidance!r}: use one of {', '.join(GUIDANCES)}")
-
 
 def guided_eps(eps_cond, eps_uncond, w, guidance="ncf"):
     """Combine conditional and unconditional noise predictions (B x C x H x W each) with strength w
@@ -56,7 +53,6 @@ def guided_eps(eps_cond, eps_uncond, w, guidance="ncf"):
     mu, sigma = eps_cond.mean(dims, keepdim=True), eps_cond.std(dims, keepdim=True)
     mu_hat, sigma_hat = eps_hat.mean(dims, keepdim=True), eps_hat.std(dims, keepdim=True)
     return sigma / sigma_hat * (eps_hat - mu_hat) + mu
-
 
 def batch_condition_kwargs(cond_kwargs, null_kwargs):
     """Keyword arguments for one forward pass over [cond batch; null batch].
@@ -81,7 +77,6 @@ def batch_condition_kwargs(cond_kwargs, null_kwargs):
         batched[name] = torch.cat([value, null.to(value.device, value.dtype)], dim=0)
     return batched
 
-
 def make_guided_model_fn(model_call, cond_kwargs, null_kwargs, w, guidance="ncf"):
     """Wrap a conditional network as model_fn(x_t, t) -> B x 2C x H x W for the diffusion.
 
@@ -102,7 +97,6 @@ def make_guided_model_fn(model_call, cond_kwargs, null_kwargs, w, guidance="ncf"
         return torch.cat([guided_eps(out_cond[:, :c], out_null[:, :c], w, guidance), out_cond[:, c:]], dim=1)
 
     return model_fn
-
 
 @torch.no_grad()
 def condition_use(model, x0, cond_kwargs, null_kwargs, timesteps=(300, 500, 700), seed=0):

@@ -22,10 +22,8 @@ from .unet import UNet
 
 UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels")
 
-
 class ModelError(ValueError):
     """A file or state dict that is not the model it should be; the message says what and why."""
-
 
 class GlideText(UNet):
     """GLIDE's Text2ImUNet / SuperResText2ImUNet: the UNet with GLIDE's text encoder beside it."""
@@ -43,7 +41,6 @@ class GlideText(UNet):
 
     def forward(self, x, timesteps, text=None, text_mask=None, low_res=None):
         return super().forward(x, timesteps, *self.encode(text, text_mask), low_res)
-
 
 class PITI(nn.Module):
     """PITI's Text2ImModel / SuperResText2ImModel: task encoder E_i + pretrained decoder D."""
@@ -64,7 +61,6 @@ class PITI(nn.Module):
     def forward(self, x, timesteps, cond=None, low_res=None):
         return self.decoder(x, timesteps, *self.encode(cond), low_res)
 
-
 def base_config(kind="piti", super_res=False, task="mask"):
     """The hyper-parameters of the released full-size models (GLIDE base.pt/upsample.pt and PITI's
     base/upsample checkpoints): 64x64 base with 3 blocks per level, 256x256 upsampler with 2."""
@@ -80,7 +76,6 @@ def base_config(kind="piti", super_res=False, task="mask"):
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=512, encoder_layers=8,
                       encoder_heads=8, cond_size=256)
     return config
-
 
 def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     """The toy world's models: the same architecture, small enough to train on a laptop CPU.
@@ -99,14 +94,12 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
                       encoder_heads=2, cond_size=128)
     return config
 
-
 def build_model(config):
     if config.get("kind") == "glide":
         return GlideText(config)
     if config.get("kind") == "piti":
         return PITI(config)
     raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
-
 
 def infer_config(state_dict, hints=None):
     """Read a model's hyper-parameters off its state dict's keys and shapes.
@@ -163,7 +156,6 @@ def infer_config(state_dict, hints=None):
                       cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5))
     return config
 
-
 def _read(path):
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such checkpoint file")
@@ -171,7 +163,6 @@ def _read(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here; all mean "not a checkpoint we can read"
         raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-
 
 def _load_strict(model, state_dict, name):
     model_sd = model.state_dict()
@@ -184,7 +175,6 @@ def _load_strict(model, state_dict, name):
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
         raise ModelError(f"{name}: weights do not fit the {model.config['kind']} model; " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
-
 
 def load_model(path_or_state_dict, use_ema=True, config=None):
     """Build and load a GLIDE or PITI model, in eval mode, fp32, on the CPU.

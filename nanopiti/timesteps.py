@@ -9,7 +9,6 @@ are seen more often, and weights each sample by 1 / (T p_t) to keep the loss est
 import numpy as np
 import torch
 
-
 class LossAwareTimesteps:
     """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]).
 

@@ -20,14 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .ops import attention, group_norm_act
 
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f_i), sin(t f_i)]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm over 32 groups, computed in fp32, with the following FiLM and SiLU fused in."""
@@ -38,7 +36,6 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x, scale=None, shift=None):
         return group_norm_act(x, self, scale, shift, self.silu)
-
 
 class ResBlock(nn.Module):
     """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip.
@@ -78,7 +75,6 @@ class ResBlock(nn.Module):
         h = self.out_layers[3](self.out_layers[0](h, scale, shift))
         return self.skip_connection(x) + h
 
-
 class AttentionBlock(nn.Module):
     """Self-attention over the image tokens, with the condition tokens prepended to keys and values.
 
@@ -108,7 +104,6 @@ class AttentionBlock(nn.Module):
         h = h.transpose(-1, -2).reshape(b, c, -1)
         return x + self.proj_out(h).view(b, c, *spatial)
 
-
 class TimestepSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: ResBlocks the embedding, attention the tokens."""
 
@@ -121,7 +116,6 @@ class TimestepSequential(nn.Sequential):
             else:
                 h = layer(h)
         return h
-
 
 class UNet(nn.Module):
     """GLIDE's UNetModel with use_scale_shift_norm, resblock_updown and dropout 0, as every released model.

@@ -10,7 +10,6 @@ from nanopiti.data import PairTransform, sample_rng
 
 from .world import render_scene
 
-
 class ToyDataset(torch.utils.data.Dataset):
     """Scenes of the procedural toy world, rendered on the fly (no files needed).
 
@@ -44,7 +43,6 @@ class ToyDataset(torch.utils.data.Dataset):
         sample["caption"] = scene.caption
         sample["path"] = f"toy:{self.first_scene + index}"
         return sample
-
 
 def scene_condition_arrays(scene, task):
     """A toy scene (toyworld.world.ToyScene) -> (image, [condition arrays]) in the encodings that
