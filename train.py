@@ -7,23 +7,17 @@ many GPUs with torchrun.
     python train.py --stage up --data ade20k --init checkpoints/upsample.pt --vgg-weights checkpoints/vgg19-dcbccd4d.pth
     torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
 
-Stages:
-  0   GLIDE-style text-conditioned pretraining (text encoder + UNet) on image-caption pairs: how
-      the toy world's prior is made. `--model upsample` trains the text-conditioned upsampler.
-  1   build a PITI model: the decoder is the prior's UNet (with its `transformer_proj`; the text
-      encoder is dropped), the task encoder is new. Only the encoder is trained (section 3.3).
-  2   finetune encoder and decoder together, from the stage-1 result (from a text prior directly:
-      the paper's one-stage ablation; `--init scratch`: its from-scratch baseline).
-  up  finetune the upsampler on (image, degraded low-res, condition) with the hybrid diffusion
-      loss, the perceptual loss (eq. 4) and the adversarial loss (eq. 5) on the predicted x0;
-      encoder and decoder are trained together, as in the PITI release.
+Stage 0 pretrains a GLIDE-style text prior (how the toy world's prior is made); stage 1 builds a
+PITI model from a prior (`initial_model`) and trains only its new task encoder; stage 2 finetunes
+encoder and decoder together; stage up finetunes the upsampler with the perceptual (eq. 4) and
+adversarial (eq. 5) losses as well. docs/training.md has the details and recipes.
 
 Every step: AdamW on the trained weights, their EMA, classifier-free dropout of the condition
-(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches to the
-global batch, optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data
-order, timesteps, noise, condition dropout) is drawn for the whole global batch from one
-generator that every process holds, and each process takes its slice: N processes compute what
-one process would, and `--resume` continues bit for bit.
+(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches,
+optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data order,
+timesteps, noise, condition dropout) is drawn for the whole global batch from one generator that
+every process holds, and each process takes its slice: N processes compute what one process
+would, and `--resume` continues bit for bit.
 
 A run writes to --out: latest.pt (the checkpoint, see nanopiti/checkpoint.py), log.jsonl (every
 loss term per step), samples/step_NNNNNN.png (condition | EMA sample | ground truth) and args.json.
@@ -288,16 +282,15 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
 @torch.no_grad()
-def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
+def save_preview(path, ema, batch, args, device, autocast):
     """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
     config = ema.config
-    diffusion = model_diffusion(config["noise_schedule"], diffusion_steps)
-    kwargs, null_kwargs = model_kwargs(ema, batch, device)
+    diffusion = model_diffusion(config["noise_schedule"], args.sample_steps)
     guidance = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
-    model_fn = make_guided_model_fn(ema, kwargs, null_kwargs, args.sample_w, guidance)
+    model_fn = make_guided_model_fn(ema, *model_kwargs(ema, batch, device), args.sample_w, guidance)
     n, r = batch["image"].shape[0], config["image_size"]
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same noise in every preview
-    loop = diffusion.ddim_sample_loop if diffusion_steps.startswith("ddim") else diffusion.p_sample_loop
+    loop = diffusion.ddim_sample_loop if args.sample_steps.startswith("ddim") else diffusion.p_sample_loop
     with autocast:
         out = loop(model_fn, (n, 3, r, r), temperature=0.997 if config["super_res"] else 1.0,
                    device=device, generator=generator, progress=False)
@@ -307,14 +300,6 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
-
-@torch.no_grad()
-def measure_condition(ema, probe, device, autocast):
-    """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
-    noise-prediction error at t = 300, 500, 700 (nanopiti.guidance.condition_use; 1 = ignored)."""
-    with autocast:
-        use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
-    return {t: round(v["ratio"], 4) for t, v in use.items()}
 
 # --- training ---
 
@@ -396,31 +381,21 @@ def train(args):
         disc.requires_grad_(False)  # only the discriminator step turns its gradients on
         disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
 
+    # Everything a checkpoint holds besides the model (see nanopiti/checkpoint.py), by its key.
+    stateful = {"ema": ema, "optimizer": opt, "disc": disc, "disc_optimizer": disc_opt, "timesteps": loss_aware,
+                "scaler": scaler if scaler.is_enabled() else None}
+    stateful = {k: v for k, v in stateful.items() if v is not None}
     start = 0
     if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
-        if scaler.is_enabled() and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        if loss_aware is not None and "timesteps" in ckpt:
-            loss_aware.load_state_dict(ckpt["timesteps"])
+        for k, v in stateful.items():
+            if k in ckpt or k in ("ema", "optimizer"):
+                v.load_state_dict(ckpt[k])
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
 
     def checkpoint_state(step):
-        state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "step": step, "stage": args.stage, "task": args.task,
-                 "args": vars(args), "rng": rng_state(generator)}
-        if disc is not None:
-            state.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        if loss_aware is not None:
-            state["timesteps"] = loss_aware.state_dict()
-        return state
+        return {"config": config, "model": model.state_dict(), "step": step, "stage": args.stage, "task": args.task,
+                "args": vars(args), "rng": rng_state(generator), **{k: v.state_dict() for k, v in stateful.items()}}
 
     # Data: this process's slice of every global batch, from the resumed step on.
     dataset = make_dataset(args, config, "train")
@@ -537,10 +512,12 @@ def train(args):
             timed_samples, timed_seconds = timed_samples + args.batch_size, timed_seconds + elapsed
         if master:
             if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
-                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview,
-                             args.sample_steps, args, device, autocast)
-                if probe["image"].shape[0] >= 2:  # the measure swaps the conditions of two pairs
-                    record["condition"] = measure_condition(ema, probe, device, autocast)
+                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview, args,
+                             device, autocast)
+                if probe["image"].shape[0] >= 2:  # the condition measure swaps the conditions of two pairs
+                    with autocast:  # wrong / right condition noise error at t = 300, 500, 700 (1: ignored)
+                        use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
+                    record["condition"] = {t: round(v["ratio"], 4) for t, v in use.items()}
                     tqdm.write(f"step {step + 1}: wrong/right condition noise error " +
                                ", ".join(f"{v:.3f} at t={t}" for t, v in record["condition"].items()))
             log.write(json.dumps(record) + "\n")
