@@ -3,21 +3,16 @@
     python sample.py --cond mask.png                          # the shipped toy models
     python sample.py --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --cond mask.png --palette coco
 
-1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps
-   (250 in the paper), guided by the condition (section 3.4): the conditional and the null
-   condition (an all-ones condition picture) run in one batched forward, and their noise predictions are
-   combined by normalized classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
-2. The 64x64 result is quantized to 8 bits, the form the upsampler saw during training (it was
-   trained on 64x64 pictures read from files).
-3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given the
-   low-resolution picture and the same condition, without guidance: this is what the PITI
-   release does (its upsampler is called directly, not through the guidance wrapper).
+1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps (250 in
+   the paper), guided by the condition (section 3.4): the conditional and the null condition (an
+   all-ones `cond`) run in one batched forward, their noise predictions combined by normalized
+   classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
+2. The result is quantized to 8 bits, the form the upsampler saw in training (pictures from files).
+3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given that
+   picture and the same condition, without guidance, as the PITI release does.
 
-Every random number comes from one torch.Generator seeded by --seed, on the sampling device
-(noise drawn on the CPU and copied over would stall the GPU at every step), so a run is
-reproducible on the same machine. On a GPU the decoder's forward pass is replayed as a CUDA
-graph: at 64x64 the GPU finishes the work faster than Python can launch its kernels one by one
-(bench.py times this pipeline with random full-size weights).
+Every random number comes from one torch.Generator seeded by --seed, on the sampling device. On a
+GPU the decoder's forward is replayed as a CUDA graph (docs/sampling.md; bench.py times it).
 """
 
 import argparse
