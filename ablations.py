@@ -4,7 +4,7 @@
 
 Trains, from the shipped toy prior, every variant the paper compares (train.py in subprocesses,
 `--jobs` at a time, each on one CPU thread), samples held-out toy masks with each, measures the
-samples with nanopiti.evaluate (mIoU of a toy segmenter against the input mask: faithfulness;
+samples with toyworld.judge (mIoU of a toy segmenter against the input mask: faithfulness;
 Frechet distance in its feature space: "toy FID"; saturation and high-frequency energy: the
 guidance comparison) and writes `--out`/results.md and picture grids:
 
@@ -31,13 +31,10 @@ import torch
 
 import sample
 from nanopiti import load_model
-from nanopiti.data import ToyDataset
-from nanopiti.evaluate import HELDOUT_SEED0, evaluate_samples, get_segmenter
+from toyworld.data import ToyDataset
+from toyworld.judge import evaluate_samples, get_segmenter
 from nanopiti.pictures import save_grid
-from nanopiti.toy import render_scene
-
-TOY_SCENES = 1800  # train.py's toy training set: layout seeds 0..1799
-
+from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -50,21 +47,18 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-4, help="for every run (the toy runs are short)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out masks to sample and measure")
     p.add_argument("--sample-steps", default="50", help="base-model respacing for the evaluation")
-    p.add_argument("--guidance", type=float, default=1.0, help="NCF strength for the finetuning ablations")
+    p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
-
-# ----------------------------------------------------------------------------- training runs
-
+# --- training runs ---
 
 def train_command(args, stage, out, init, steps, *extra):
     return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
             "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--seed", str(args.seed), "--save-every", str(steps), "--sample-every", "0", "--workers", "0",
             "--resume", "auto", *extra]
-
 
 def plan(args):
     """name -> list of train.py commands run one after the other (a chain of stages)."""
@@ -86,7 +80,6 @@ def plan(args):
                                       "--perc-weight", str(perc), "--adv-weight", str(adv), "--batch-size", "4")]
     return chains
 
-
 def run_chain(commands):
     for cmd in commands:
         out = cmd[cmd.index("--out") + 1]
@@ -97,9 +90,7 @@ def run_chain(commands):
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed; see {out}.log")
 
-
-# ----------------------------------------------------------------------------- evaluation
-
+# --- evaluation ---
 
 def heldout(n, resolution=32):
     """Held-out toy scenes: conditions (128x128 masks), class-id labels, real images at `resolution`."""
@@ -110,24 +101,20 @@ def heldout(n, resolution=32):
     labels = np.stack([render_scene(HELDOUT_SEED0 + i, 128).label for i in range(n)])
     return cond, labels, images
 
-
-def sample_base(path, cond, args, w, kind):
+def sample_base(path, cond, args, w, guidance):
     model = load_model(path)
     g = torch.Generator().manual_seed(args.seed)
-    return sample.sample_base(model, cond, guidance=w, kind=kind, steps=args.sample_steps, generator=g,
+    return sample.sample_base(model, cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
                               progress=False)
-
 
 def upsample(path, cond, low_res, args):
     model = load_model(path)
     g = torch.Generator().manual_seed(args.seed)
     return sample.sample_upsampler(model, cond, low_res, generator=g, progress=False)
 
-
 def grid(columns, path, rows=4):
     """The first `rows` examples of each N x 3 x H x W column, one row per example."""
     save_grid([col[:rows] for col in columns], path)
-
 
 def evaluate(args):
     torch.manual_seed(args.seed)
@@ -144,10 +131,10 @@ def evaluate(args):
 
     for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
                  "scratch-100"):
-        measure(name, sample_base(f"{o}/{name}/latest.pt", cond, args, args.guidance, "ncf"))
-    for kind in ("cf", "ncf"):
+        measure(name, sample_base(f"{o}/{name}/latest.pt", cond, args, args.w, "ncf"))
+    for guidance in ("cf", "ncf"):
         for w in (1.0, 3.0, 5.0):
-            measure(f"{kind} w={w:g}", sample_base(f"{o}/two-stage/latest.pt", cond, args, w, kind))
+            measure(f"{guidance} w={w:g}", sample_base(f"{o}/two-stage/latest.pt", cond, args, w, guidance))
     real_up = heldout(args.eval_n, resolution=64)[2]
     for name in ("up-diffusion", "up-perceptual", "up-full"):
         samples = upsample(f"{o}/{name}/latest.pt", cond, real, args)
@@ -163,11 +150,10 @@ def evaluate(args):
     grid([real] + [pictures[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
     return rows, judge.info
 
-
 def write_table(rows, judge_info, args, seconds):
     lines = [f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}; "
              f"{args.eval_n} held-out masks, base sampled with {args.sample_steps} DDPM steps, "
-             f"NCF w = {args.guidance:g} unless named; upsampler {args.up_steps} steps, fast27. "
+             f"NCF w = {args.w:g} unless named; upsampler {args.up_steps} steps, fast27. "
              f"Judge: toy segmenter, held-out mIoU {judge_info.get('heldout_miou', float('nan')):.3f}. "
              f"Wall time {seconds / 60:.0f} min.", "",
              "| run | mIoU (higher: more faithful) | toy FID (lower: more real) | saturation | HF energy |",
@@ -178,7 +164,6 @@ def write_table(rows, judge_info, args, seconds):
     with open(f"{args.out}/results.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -194,7 +179,6 @@ def main(argv=None):
     rows, judge_info = evaluate(args)
     write_table(rows, judge_info, args, time.time() - start)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

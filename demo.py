@@ -8,7 +8,7 @@ on black) for sketch models, and sends it here; the server samples it with sampl
 very function sample.py uses, and answers with the base model's and the upsampler's pictures.
 Same condition, settings and seed give the same pictures as
 
-    python sample.py --cond canvas.png --steps STEPS --guidance W --guidance-kind KIND --num N --seed SEED
+    python sample.py --cond canvas.png --steps STEPS --w W --guidance GUIDANCE --num N --seed SEED
 
 The server is Python's http.server: one thread per request, but one sampling at a time (a lock;
 the others wait their turn); the page polls /api/progress for its progress bar. It listens on
@@ -19,7 +19,7 @@ API (JSON answers; a bad request gets HTTP 400 and {"error": "one line: what is 
     GET  /api/info              task, canvas size, class palette, defaults and limits
     GET  /api/toy-scene?index=N held-out toy scene N as canvas pixels (toy models)
     POST /api/condition         body: a picture file -> its canvas pixels (an upload, checked)
-    POST /api/generate          body: {"condition": PNG (base64 or data URL), "guidance", "kind", "steps",
+    POST /api/generate          body: {"condition": PNG (base64 or data URL), "w", "guidance", "steps",
                                 "seed", "num", "job"} -> {"base": [PNG data URLs], "upsampled": [...], "seconds"}
     GET  /api/progress          {"job", "stage", "done", "total"} of the sampling under way
 """
@@ -46,23 +46,22 @@ from nanopiti import ModelError, toy_config
 from nanopiti.colormap import COCO_STUFF_CLASSES, PALETTES, in_palette
 from nanopiti.conditions import binarize_sketch
 from nanopiti.data import DataError, label_image_to_color, load_condition_image
-from nanopiti.evaluate import HELDOUT_SEED0
-from nanopiti.guidance import GUIDANCE_KINDS
+from nanopiti.guidance import GUIDANCES
 from nanopiti.pictures import to_uint8
-from nanopiti.toy import TOY_CLASSES, TOY_COLORS, render_scene
+from toyworld.world import HELDOUT_SEED0, TOY_CLASSES, TOY_COLORS, render_scene
 
 PAGE = Path(__file__).resolve().parent / "demo.html"
 PALETTE_TABLES = {"toy": TOY_COLORS, **PALETTES}  # class value -> color, per world
 CLASS_NAMES = {"toy": TOY_CLASSES, "coco": COCO_STUFF_CLASSES}  # ADE20K's classes are shown by number
 # The page's defaults: 25 DDPM steps for the base model (the toy ablations' setting) and the
 # upsampler's fast27, as sample.py samples it; guidance as sample.py's default.
-DEFAULTS = {"guidance": sample.DEFAULT_GUIDANCE, "kind": "ncf", "steps": 25, "seed": 0, "num": 1}
+DEFAULTS = {"w": sample.DEFAULT_W, "guidance": "ncf", "steps": 25, "seed": 0, "num": 1}
 SR_STEPS, SR_TEMPERATURE = "fast27", 0.997
 MAX_STEPS = 1000  # every GLIDE and PITI model was trained over 1000 steps (nanopiti.diffusion.model_diffusion)
-MAX_NUM, MAX_GUIDANCE, MAX_SEED = 8, 20.0, 2**31 - 1
+MAX_NUM, MAX_W, MAX_SEED = 8, 20.0, 2**31 - 1
 MAX_BODY = 10 * 2**20  # bytes in one request (an upload, or a condition in base64)
 MAX_PIXELS = 4096 * 4096  # an upload larger than this is refused before it is decoded
-TOY_SCENES = 10**6  # the page's random button picks index 0..TOY_SCENES-1: layout seed HELDOUT_SEED0 + index
+HELDOUT_SCENES = 10**6  # the page's random button picks index 0..HELDOUT_SCENES-1: layout seed HELDOUT_SEED0 + index
 
 
 class DemoError(ValueError):
@@ -78,13 +77,13 @@ def _int(body, name, low, high):
 
 def read_settings(body):
     """The sampling settings of a generate request, checked: DemoError says which one is wrong."""
-    w = body.get("guidance", DEFAULTS["guidance"])
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= MAX_GUIDANCE:
-        raise DemoError(f"guidance w must be a number from 0 to {MAX_GUIDANCE:g}, got {w!r}")
-    kind = body.get("kind", DEFAULTS["kind"])
-    if kind not in GUIDANCE_KINDS:
-        raise DemoError(f"guidance kind must be one of {', '.join(GUIDANCE_KINDS)}, got {kind!r}")
-    return {"guidance": float(w), "kind": kind, "steps": _int(body, "steps", 1, MAX_STEPS),
+    w = body.get("w", DEFAULTS["w"])
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= MAX_W:
+        raise DemoError(f"guidance strength w must be a number from 0 to {MAX_W:g}, got {w!r}")
+    guidance = body.get("guidance", DEFAULTS["guidance"])
+    if guidance not in GUIDANCES:
+        raise DemoError(f"guidance must be one of {', '.join(GUIDANCES)}, got {guidance!r}")
+    return {"w": float(w), "guidance": guidance, "steps": _int(body, "steps", 1, MAX_STEPS),
             "seed": _int(body, "seed", 0, MAX_SEED), "num": _int(body, "num", 1, MAX_NUM)}
 
 
@@ -118,9 +117,9 @@ class Demo:
                 "base_size": self.base.config["image_size"],
                 "sr_size": self.sr.config["image_size"] if self.sr else None,
                 "classes": classes if self.task == "mask" else None,
-                "toy_scenes": TOY_SCENES if self.world == "toy" else 0,
-                "defaults": DEFAULTS, "kinds": GUIDANCE_KINDS, "max_body": MAX_BODY,
-                "limits": {"steps": MAX_STEPS, "num": MAX_NUM, "guidance": MAX_GUIDANCE, "seed": MAX_SEED}}
+                "toy_scenes": HELDOUT_SCENES if self.world == "toy" else 0,
+                "defaults": DEFAULTS, "guidances": GUIDANCES, "max_body": MAX_BODY,
+                "limits": {"steps": MAX_STEPS, "num": MAX_NUM, "w": MAX_W, "seed": MAX_SEED}}
 
     # --- conditions: what the canvas holds ---
 
@@ -163,8 +162,8 @@ class Demo:
     def toy_scene(self, query):
         """Held-out toy scene `index` (layout seed HELDOUT_SEED0 + index, never trained on)."""
         index = query.get("index", ["0"])[0]
-        if not index.isdigit() or int(index) >= TOY_SCENES:
-            raise DemoError(f"index must be a whole number from 0 to {TOY_SCENES - 1}, got {index!r}")
+        if not index.isdigit() or int(index) >= HELDOUT_SCENES:
+            raise DemoError(f"index must be a whole number from 0 to {HELDOUT_SCENES - 1}, got {index!r}")
         if self.world != "toy":
             raise DemoError(f"toy scenes are for toy models; these models are of the {self.world} world")
         scene = render_scene(HELDOUT_SEED0 + int(index), self.size)
@@ -201,7 +200,7 @@ class Demo:
             start = time.time()
             with torch.inference_mode():
                 low, high = sample.generate(
-                    self.base, self.sr, cond, sr_cond, guidance=settings["guidance"], kind=settings["kind"],
+                    self.base, self.sr, cond, sr_cond, w=settings["w"], guidance=settings["guidance"],
                     steps=str(settings["steps"]), sr_steps=SR_STEPS, sr_temperature=SR_TEMPERATURE,
                     generator=generator, dtype=self.dtype, cuda_graph=self.device.type == "cuda",
                     progress=False, callback=report)

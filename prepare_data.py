@@ -32,19 +32,16 @@ from tqdm import tqdm
 
 from nanopiti.checkpoint import folder_problem
 from nanopiti.conditions import encode_depth, encode_normal
-from nanopiti.data import (DataError, label_image_to_color, open_image, scene_condition_arrays,
-                           shorter_side_size)
+from nanopiti.data import DataError, label_image_to_color, open_image, shorter_side_size
 from nanopiti.download import DownloadError, archive_problem, download, unpack
 from nanopiti.hed import HEDError, canny_edges, hed_sketch, load_hed
-
+from toyworld.data import scene_condition_arrays
+from toyworld.world import render_scene
 
 class PrepareError(Exception):
     """Something the user must fix (missing dataset, failed download); printed as one line."""
 
-
-# ---------------------------------------------------------------------------------------------
-# Downloading (nanopiti/download.py: resumable, verified), then unpacking
-# ---------------------------------------------------------------------------------------------
+# --- Downloading (nanopiti/download.py: resumable, verified), then unpacking ---
 
 # name -> [(url, md5 or None, folder to unpack into (relative to --root), a glob that matches
 #           once the archive is unpacked)]
@@ -66,7 +63,6 @@ ARCHIVES = {
 }
 ARCHIVES["coco-sketch"] = ARCHIVES["coco"][:2]
 
-
 def fetch(name, root):
     """Download and unpack the archives of dataset `name` that `root` does not hold yet."""
     for url, md5, into, provides in ARCHIVES[name]:
@@ -81,10 +77,7 @@ def fetch(name, root):
         unpack(archive, os.path.join(root, into))
         os.remove(archive)  # unpacked completely; the archive only costs disk space now
 
-
-# ---------------------------------------------------------------------------------------------
-# Per-pair work (top-level functions so that multiprocessing can send them to workers)
-# ---------------------------------------------------------------------------------------------
+# --- Per-pair work (top-level functions so that multiprocessing can send them to workers) ---
 
 def _save(img, path, **kwargs):
     """Write atomically, so an interrupted run never leaves a half-written file behind."""
@@ -93,11 +86,9 @@ def _save(img, path, **kwargs):
     img.save(tmp, format="JPEG" if path.endswith(".jpg") else "PNG", **kwargs)
     os.replace(tmp, path)
 
-
 def _resized_photo(path, size):
     image = open_image(path).convert("RGB")
     return image, shorter_side_size(*image.size, size)
-
 
 def _nearest(arr, size):
     """Nearest-neighbour resize of any (H, W, ...) array to size = (w, h), sampling centers."""
@@ -105,7 +96,6 @@ def _nearest(arr, size):
     rows = np.minimum(((np.arange(size[1]) + 0.5) * h / size[1]).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(size[0]) + 0.5) * w / size[0]).astype(np.int64), w - 1)
     return arr[rows][:, cols]
-
 
 def _mask_pair(job):
     """(image, class-index label map) -> resized photo + color-coded label map."""
@@ -127,7 +117,6 @@ def _mask_pair(job):
     _save(Image.fromarray(color), os.path.join(out, rel_lbl))
     return line, None
 
-
 def _sketch_pair(job, model=None):
     """A photo -> resized photo + binary sketch (HED when `model` is given, else Canny)."""
     image_path, out, split, size, overwrite = job
@@ -143,7 +132,6 @@ def _sketch_pair(job, model=None):
     _save(image, os.path.join(out, rel_img), quality=95)
     _save(Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)), os.path.join(out, rel_sk))
     return line, None
-
 
 def _diode_pair(job):
     """DIODE (png, depth, depth mask, normals) -> resized photo + PITI's normal and depth PNGs."""
@@ -176,11 +164,9 @@ def _diode_pair(job):
     _save(Image.fromarray(encode_depth(depth.reshape(valid.shape[:2]), valid)), os.path.join(out, rel_d))
     return line, None
 
-
 def _toy_scene(job):
     """Render toy scene `index` and store it in all three tasks' encodings."""
     index, out, split, size = job
-    from nanopiti.toy import render_scene
     scene = render_scene(index, size)
     stem = f"{index:06d}"
     caption = " ".join(scene.caption.split())  # no tabs or newlines inside a list-file line
@@ -194,7 +180,6 @@ def _toy_scene(job):
         lines[task] = f"{split}/images/{stem}.png\t{','.join(rels)}\t{caption}"
     return lines, None
 
-
 def _guarded(fn_job):
     """Run one job; a bad input becomes (None, (reason, message)) instead of an exception."""
     fn, job = fn_job
@@ -202,7 +187,6 @@ def _guarded(fn_job):
         return fn(job)
     except DataError as e:
         return None, (e.reason, str(e))
-
 
 def run_jobs(fn, jobs, workers, desc):
     """Map `fn` over `jobs` (in order) with a progress bar; returns results and skips."""
@@ -213,7 +197,6 @@ def run_jobs(fn, jobs, workers, desc):
     else:
         results = [_guarded(t) for t in tqdm(tasks, desc=desc)]
     return [r for r, _ in results if r is not None], [s for _, s in results if s is not None]
-
 
 def finish(out, lists, skipped, n_inputs):
     """Write the list files and skipped.txt, and say what happened."""
@@ -232,14 +215,10 @@ def finish(out, lists, skipped, n_inputs):
         print(f"skipped {len(skipped)} of {n_inputs} inputs ({detail}); see {os.path.join(out, 'skipped.txt')}",
               file=sys.stderr)
 
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
+# --- Datasets ---
 
 def _files(folder, ext):
     return sorted(glob.glob(os.path.join(folder, "*" + ext))) if os.path.isdir(folder) else []
-
 
 def require(name, root, parts):
     """parts: {description: [files]}; raise one line naming every empty part."""
@@ -249,7 +228,6 @@ def require(name, root, parts):
         raise PrepareError(f"{name} {state} under {root}: expected {'; '.join(missing)}; fetch it with: "
                            f"python prepare_data.py --data {DATA_KEYS[name]} --root {root} --download "
                            f"(downloads {' '.join(a[0] for a in ARCHIVES[DATA_KEYS[name]])})")
-
 
 def prepare_masks(args, name, splits, palette):
     """ADE20K / COCO-Stuff: splits = {split: (image folder, label folder, image extension)}."""
@@ -273,7 +251,6 @@ def prepare_masks(args, name, splits, palette):
         lists[f"{split}_mask.txt"], skipped = lines, skipped + skips
     finish(args.out, lists, skipped, n)
 
-
 def prepare_ade20k(args):
     # --root may be the folder that holds ADEChallengeData2016 (as unzipped) or that folder itself
     unzipped = os.path.isdir(os.path.join(args.root, "images"))
@@ -281,12 +258,10 @@ def prepare_ade20k(args):
     prepare_masks(args, "ADE20K", {s: (f"{base}/images/{d}", f"{base}/annotations/{d}", ".jpg")
                                    for s, d in (("train", "training"), ("val", "validation"))}, "ade20k")
 
-
 def prepare_coco(args):
     stuff = os.path.join(args.root, "stuffthingmaps_trainval2017")
     prepare_masks(args, "COCO-Stuff", {s: (f"{args.root}/{s}2017", f"{stuff}/{s}2017", ".jpg")
                                        for s in ("train", "val")}, "coco")
-
 
 def prepare_coco_sketch(args):
     found = {s: _files(os.path.join(args.root, f"{s}2017"), ".jpg") for s in ("train", "val")}
@@ -306,7 +281,6 @@ def prepare_coco_sketch(args):
         lists[f"{split}_sketch.txt"], skipped = lines, skipped + skips
     finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
 
-
 def prepare_diode(args):
     found = {}
     for split in ("train", "val"):
@@ -323,7 +297,6 @@ def prepare_diode(args):
         lists[f"{split}_depth.txt"], skipped = lines, skipped + skips
     finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
 
-
 def prepare_toy(args):
     if args.num < 2:
         raise PrepareError(f"--num {args.num}: the toy world needs at least 2 scenes (one for val)")
@@ -336,11 +309,9 @@ def prepare_toy(args):
             lists[f"{split}_{task}.txt"].append(line)
     finish(args.out, lists, skipped, args.num)
 
-
 DATA_KEYS = {"ADE20K": "ade20k", "COCO-Stuff": "coco", "COCO images": "coco-sketch", "DIODE": "diode"}
 PREPARE = {"ade20k": prepare_ade20k, "coco": prepare_coco, "coco-sketch": prepare_coco_sketch,
            "diode": prepare_diode, "toy": prepare_toy}
-
 
 def check_args(args):
     """Every option, checked before any work starts: one line naming the option and what to do."""
@@ -353,7 +324,6 @@ def check_args(args):
         problem = folder and folder_problem(folder)
         if problem:
             raise PrepareError(f"{flag} {folder}: {problem}; give a folder that can be written")
-
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -378,7 +348,6 @@ def main(argv=None):
         PREPARE[args.data](args)
     except (PrepareError, DownloadError, DataError, HEDError) as e:
         sys.exit(f"error: {e}")
-
 
 if __name__ == "__main__":
     main()

@@ -3,21 +3,16 @@
     python sample.py --cond mask.png                          # the shipped toy models
     python sample.py --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --cond mask.png --palette coco
 
-1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps
-   (250 in the paper), guided by the condition (section 3.4): the conditional and the null
-   condition (an all-ones `ref`) run in one batched forward, and their noise predictions are
-   combined by normalized classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
-2. The 64x64 result is quantized to 8 bits, the form the upsampler saw during training (it was
-   trained on 64x64 pictures read from files).
-3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given the
-   low-resolution picture and the same condition, without guidance: this is what the PITI
-   release does (its upsampler is called directly, not through the guidance wrapper).
+1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps (250 in
+   the paper), guided by the condition (section 3.4): the conditional and the null condition (an
+   all-ones `cond`) run in one batched forward, their noise predictions combined by normalized
+   classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
+2. The result is quantized to 8 bits, the form the upsampler saw in training (pictures from files).
+3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given that
+   picture and the same condition, without guidance, as the PITI release does.
 
-Every random number comes from one torch.Generator seeded by --seed, on the sampling device
-(noise drawn on the CPU and copied over would stall the GPU at every step), so a run is
-reproducible on the same machine. On a GPU the decoder's forward pass is replayed as a CUDA
-graph: at 64x64 the GPU finishes the work faster than Python can launch its kernels one by one.
-`--bench` times the same pipeline with random full-size weights.
+Every random number comes from one torch.Generator seeded by --seed, on the sampling device. On a
+GPU the decoder's forward is replayed as a CUDA graph (docs/sampling.md; bench.py times it).
 """
 
 import argparse
@@ -32,29 +27,26 @@ import numpy as np
 import torch
 from PIL import Image
 
-from nanopiti import ModelError, base_config, build_model, load_model, toy_config
+from nanopiti import ModelError, load_model
 from nanopiti.checkpoint import folder_problem
 from nanopiti.colormap import color_to_labels, in_palette
 from nanopiti.cuda_graph import graphed
 from nanopiti.data import DataError, load_condition_image
 from nanopiti.diffusion import DiffusionError, model_diffusion
-from nanopiti.guidance import GUIDANCE_KINDS, GuidanceError, make_guided_model_fn
+from nanopiti.guidance import GUIDANCES, GuidanceError, make_guided_model_fn
+from nanopiti.ops import DTYPES
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
-from nanopiti.toy import TOY_CLASSES, TOY_COLORS
+from toyworld.world import TOY_CLASSES, TOY_COLORS
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
 DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
 TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prior (README: The toy models)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-# The released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention.
-DEFAULT_GUIDANCE = 0.3
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+DEFAULT_W = 0.3  # the released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention
 
 class SampleError(ValueError):
     """Bad command-line input for sampling: the message says what is wrong and what to do."""
-
 
 # --- models and conditions ---
 
@@ -74,7 +66,6 @@ def load_piti(path, upsampler):
         raise SampleError(f"{path}: {flag} needs a PITI {role} but this is {other}; give it as {where}")
     return model
 
-
 def check_pair(base, sr, task):
     """The task the models were finetuned for, checked against --task and between the two models."""
     model_task = base.config["task"]
@@ -88,7 +79,6 @@ def check_pair(base, sr, task):
             raise SampleError(f"the upsampler makes {sr.config['image_size']}px images, not more than the base "
                               f"model's {base.config['image_size']}px; are the checkpoints of one release?")
     return model_task
-
 
 def find_conditions(spec, task):
     """--cond -> list of condition paths: one image, every image in a folder, or a list file.
@@ -120,7 +110,6 @@ def find_conditions(spec, task):
         raise SampleError(f"--cond {spec}: the list file names no conditions")
     return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
 
-
 def check_toy_defaults(args, paths, conds):
     """The default models are the toy world's: a mask with other classes gets an error that says so."""
     if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
@@ -138,7 +127,6 @@ def check_toy_defaults(args, paths, conds):
                 "repository): --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --palette coco; or train your own from "
                 "GLIDE's prior (python -m nanopiti.download glide-base glide-upsample, then train.py)")
 
-
 def output_stems(paths):
     """A distinct file-name stem per condition: "a/x.png" -> "x" (depth: "x_depth.png" -> "x")."""
     stems, seen = [], {}
@@ -148,7 +136,6 @@ def output_stems(paths):
         seen[stem] = seen.get(stem, 0) + 1
         stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return stems
-
 
 def output_files(out, paths, num):
     """Per condition: ([its sample files], its grid file); never one of the condition files."""
@@ -163,44 +150,41 @@ def output_files(out, paths, num):
         raise SampleError(f"--out {out} would overwrite the condition {clash}; give another --out")
     return outputs
 
-
 # --- the pipeline ---
 
 def _autocast(device, dtype):
     """Autocast in `dtype` on a GPU; the CPU always computes in fp32."""
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
 
-
-def encode(model, ref, dtype):
+def encode(model, cond, dtype):
     """The task encoder's output for a batch of conditions, as decoder keyword arguments.
 
     The encoder depends on the condition only, not on x_t or t, so it runs once per batch
     instead of at every step (the PITI release reruns it at every step, 250 times)."""
-    with _autocast(ref.device, dtype):
-        pooled, tokens = model.encode(ref)
+    with _autocast(cond.device, dtype):
+        pooled, tokens = model.encode(cond)
     return {"pooled": pooled, "tokens": tokens}
-
 
 def decoder_call(model, dtype, cuda_graph=False):
     """model_call(x_t, t, pooled=, tokens=, low_res=) -> B x 6 x H x W in fp32 for the diffusion:
-    the same as model(x_t, t, ref=..., low_res=...) with the condition encoded beforehand."""
+    the same as model(x_t, t, cond=..., low_res=...) with the condition encoded beforehand."""
     def call(x, t, pooled, tokens, low_res=None):
         with _autocast(x.device, dtype):
-            return model.decoder(x, t, (pooled, tokens), low_res).float()
+            return model.decoder(x, t, pooled, tokens, low_res).float()
     return graphed(call) if cuda_graph else call
 
 
-def sample_base(model, cond, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",
+def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
                 generator=None, dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
     """Base-model samples, B x 3 x S x S in [-1, 1], for a batch of conditions B x C x H x W.
 
-    The null condition of the released PITI models is an all-ones `ref`; both branches run in one
+    The null condition of the released PITI models is an all-ones `cond`; both branches run in one
     batched forward of the decoder (nanopiti.guidance.make_guided_model_fn).
     """
     size = model.config["image_size"]
-    null = encode(model, torch.ones_like(cond), dtype) if kind != "none" else {}
+    null = encode(model, torch.ones_like(cond), dtype) if guidance != "none" else {}
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), encode(model, cond, dtype), null,
-                                    guidance, kind)
+                                    w, guidance)
     diffusion = model_diffusion(model.config["noise_schedule"], steps)
     loop = diffusion.ddim_sample_loop if sampler == "ddim" else diffusion.p_sample_loop
     return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress,
@@ -221,7 +205,7 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
         generator=generator, progress=progress, callback=callback)
 
 
-def generate(base, sr, cond, sr_cond=None, *, guidance=DEFAULT_GUIDANCE, kind="ncf", steps="250", sampler="ddpm",
+def generate(base, sr, cond, sr_cond=None, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
              sr_steps="fast27", sr_temperature=0.997, generator=None, dtype=torch.float32, cuda_graph=False,
              progress=True, callback=None):
     """The two-stage pipeline for one batch: (base samples, upsampled samples or None without `sr`).
@@ -234,14 +218,13 @@ def generate(base, sr, cond, sr_cond=None, *, guidance=DEFAULT_GUIDANCE, kind="n
         return None if callback is None else lambda done, total: callback(name, done, total)
 
     speed = dict(generator=generator, dtype=dtype, cuda_graph=cuda_graph, progress=progress)
-    low = sample_base(base, cond, guidance=guidance, kind=kind, steps=steps, sampler=sampler,
+    low = sample_base(base, cond, w=w, guidance=guidance, steps=steps, sampler=sampler,
                       callback=stage("base"), **speed)
     if sr is None:
         return low, None
     high = sample_upsampler(sr, sr_cond, quantize(low), steps=sr_steps, temperature=sr_temperature,
                             callback=stage("upsampler"), **speed)
     return low, high
-
 
 # --- the command line ---
 
@@ -257,9 +240,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="images sampled together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="output folder, or a .png file for one sample")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    p.add_argument("--w", type=float, default=DEFAULT_W,
                    help="guidance strength w (paper's convention; PITI's sample_c = 1 + w)")
-    p.add_argument("--guidance-kind", choices=GUIDANCE_KINDS, default="ncf",
+    p.add_argument("--guidance", choices=GUIDANCES, default="ncf",
                    help="ncf: normalized CF (eq. 8), cf: classifier-free (eq. 7), none: conditional only")
     p.add_argument("--steps", default="250", help="base model steps: N, 'a,b,c' sections, ddimN or fast27")
     p.add_argument("--sr-steps", default="fast27", help="upsampler steps, same forms")
@@ -270,12 +253,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), help="autocast dtype on GPU (default bf16; CPU: fp32)")
     p.add_argument("--no-kernels", action="store_true", help="PyTorch ops instead of the Triton kernels")
     p.add_argument("--no-cuda-graph", action="store_true", help="launch the decoder's kernels one by one")
-    p.add_argument("--bench", action="store_true",
-                   help="time the pipeline with random weights (PITI mask models) instead of sampling")
-    p.add_argument("--bench-config", choices=["full", "toy"], default="full",
-                   help="--bench models: the released sizes or the toy ones")
     return p.parse_args(argv)
-
 
 def resolve_device(name, dtype_name):
     try:
@@ -291,13 +269,12 @@ def resolve_device(name, dtype_name):
         return device, torch.float32
     return device, DTYPES[dtype_name or "bf16"]
 
-
 def check_options(args):
     for name in ("num", "batch_size"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')} must be at least 1")
-    if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise SampleError(f"--guidance {args.guidance}: must be a number >= 0 (0 = the plain conditional model)")
+    if not (math.isfinite(args.w) and args.w >= 0):
+        raise SampleError(f"--w {args.w}: must be a number >= 0 (0 = the plain conditional model)")
     if not 0 < args.sr_temperature <= 1.5:
         raise SampleError("--sr-temperature must be in (0, 1.5]; PITI uses 0.997")
     for flag, spec in (("--steps", args.steps), ("--sr-steps", args.sr_steps)):
@@ -305,16 +282,14 @@ def check_options(args):
             model_diffusion("linear", spec)
         except DiffusionError as e:
             raise SampleError(f"{flag}: {e}") from None
-    if not args.bench:  # the outputs must be writable before any sampling, or the samples are lost
-        out = Path(args.out)
-        single_file = out.suffix.lower() == ".png"
-        if single_file and out.is_dir():
-            raise SampleError(f"--out {out} is a folder; give a new .png file name or the folder without .png")
-        problem = folder_problem(out.parent if single_file else out)
-        if problem:
-            raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
-                              "that can be written")
-
+    out = Path(args.out)  # the outputs must be writable before any sampling, or the samples are lost
+    single_file = out.suffix.lower() == ".png"
+    if single_file and out.is_dir():
+        raise SampleError(f"--out {out} is a folder; give a new .png file name or the folder without .png")
+    problem = folder_problem(out.parent if single_file else out)
+    if problem:
+        raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
+                          "that can be written")
 
 def run(args, device, dtype):
     if not args.cond:
@@ -346,7 +321,7 @@ def run(args, device, dtype):
     size = (sr or base).config["image_size"]
     items = [(i, k) for i in range(len(paths)) for k in range(args.num)]
     print(f"sampling {len(items)} image(s) from {len(paths)} condition(s): {task} base model "
-          f"{base.config['image_size']}px ({args.steps} {args.sampler} steps, {args.guidance_kind} w={args.guidance})"
+          f"{base.config['image_size']}px ({args.steps} {args.sampler} steps, {args.guidance} w={args.w})"
           + (f", upsampler {size}px ({args.sr_steps} steps)" if sr else "") + f" on {device}", flush=True)
     generator = torch.Generator(device).manual_seed(args.seed)
     speed = dict(dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
@@ -357,7 +332,7 @@ def run(args, device, dtype):
             batch = items[b:b + args.batch_size]
             cond = torch.stack([conds[i][base.config["cond_size"]] for i, _ in batch]).to(device)
             sr_cond = torch.stack([conds[i][sr.config["cond_size"]] for i, _ in batch]).to(device) if sr else None
-            low, high = generate(base, sr, cond, sr_cond, guidance=args.guidance, kind=args.guidance_kind,
+            low, high = generate(base, sr, cond, sr_cond, w=args.w, guidance=args.guidance,
                                  steps=args.steps, sampler=args.sampler, sr_steps=args.sr_steps,
                                  sr_temperature=args.sr_temperature, generator=generator, **speed)
             for (i, _), picture in zip(batch, to_uint8(low if high is None else high)):
@@ -373,63 +348,8 @@ def run(args, device, dtype):
     print(f"wrote {len(items)} sample(s) and {len(paths)} grid(s) to {folder} "
           f"({elapsed:.1f} s, {elapsed / len(items):.2f} s per image)")
 
-
-def randomize_untrained_(model, seed=0):
-    """Fill the parameters that start at zero (GLIDE zero-initializes every block's last layer) with
-    small noise, so that random weights give a non-trivial network, as a trained one is."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
-    return model
-
-
-def bench(args, device, dtype):
-    """Seconds per image of the whole pipeline (base + upsampler) with random weights."""
-    from nanopiti.ops import use_kernels
-
-    make = base_config if args.bench_config == "full" else toy_config
-    base = randomize_untrained_(build_model(make("piti", False, "mask")), 0).eval().to(device)
-    sr = randomize_untrained_(build_model(make("piti", True, "mask")), 1).eval().to(device)
-    n = args.batch_size
-    gen = torch.Generator(device).manual_seed(args.seed)
-    cond_size = base.config["cond_size"]
-    cond = torch.rand(n, 3, cond_size, cond_size, generator=gen, device=device) * 2 - 1
-    opts = dict(generator=gen, dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
-
-    def timed(fn, **kwargs):  # the GPU runs ahead of Python: wait for it before reading the clock
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        x = fn(**kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return x, time.perf_counter() - t0
-
-    with torch.inference_mode():
-        # A two-step warm-up compiles the Triton kernels and fills the caching allocator.
-        low = sample_base(base, cond, steps="2", progress=False, **opts)
-        sample_upsampler(sr, cond, quantize(low), steps="2", progress=False, **opts)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        low, t_base = timed(sample_base, model=base, cond=cond, guidance=args.guidance, kind=args.guidance_kind,
-                            steps=args.steps, sampler=args.sampler, **opts)
-        _, t_sr = timed(sample_upsampler, model=sr, cond=cond, low_res=quantize(low), steps=args.sr_steps, **opts)
-    size = sr.config["image_size"]
-    kernels = "on" if use_kernels(torch.empty(1, device=device)) else "off"
-    graph = ", CUDA graph" if opts["cuda_graph"] else ""
-    memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"bench {args.bench_config} PITI mask, batch {n}, {args.steps}+{args.sr_steps} steps, "
-          f"{str(dtype).replace('torch.', '')}, kernels {kernels}{graph}, {args.guidance_kind}, {name}: "
-          f"{(t_base + t_sr) / n:.3f} s per {size}x{size} image "
-          f"(base {t_base / n:.3f} s, upsampler {t_sr / n:.3f} s){memory}")
-
-
 def _warn_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -440,12 +360,11 @@ def main(argv=None):
             warnings.showwarning = _warn_one_line  # e.g. off-palette colors in a label map
             check_options(args)
             device, dtype = resolve_device(args.device, args.dtype)
-            (bench if args.bench else run)(args, device, dtype)
+            run(args, device, dtype)
     except (SampleError, ModelError, DataError, DiffusionError, GuidanceError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

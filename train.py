@@ -7,23 +7,17 @@ many GPUs with torchrun.
     python train.py --stage up --data ade20k --init checkpoints/upsample.pt --vgg-weights checkpoints/vgg19-dcbccd4d.pth
     torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
 
-Stages:
-  0   GLIDE-style text-conditioned pretraining (text encoder + UNet) on image-caption pairs: how
-      the toy world's prior is made. `--model upsample` trains the text-conditioned upsampler.
-  1   build a PITI model: the decoder is the prior's UNet (with its `transformer_proj`; the text
-      encoder is dropped), the task encoder is new. Only the encoder is trained (section 3.3).
-  2   finetune encoder and decoder together, from the stage-1 result (from a text prior directly:
-      the paper's one-stage ablation; `--init scratch`: its from-scratch baseline).
-  up  finetune the upsampler on (image, degraded low-res, condition) with the hybrid diffusion
-      loss, the perceptual loss (eq. 4) and the adversarial loss (eq. 5) on the predicted x0;
-      encoder and decoder are trained together, as in the PITI release.
+Stage 0 pretrains a GLIDE-style text prior (how the toy world's prior is made); stage 1 builds a
+PITI model from a prior (`initial_model`) and trains only its new task encoder; stage 2 finetunes
+encoder and decoder together; stage up finetunes the upsampler with the perceptual (eq. 4) and
+adversarial (eq. 5) losses as well. docs/training.md has the details and recipes.
 
 Every step: AdamW on the trained weights, their EMA, classifier-free dropout of the condition
-(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches to the
-global batch, optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data
-order, timesteps, noise, condition dropout) is drawn for the whole global batch from one
-generator that every process holds, and each process takes its slice: N processes compute what
-one process would, and `--resume` continues bit for bit.
+(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches,
+optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data order,
+timesteps, noise, condition dropout) is drawn for the whole global batch from one generator that
+every process holds, and each process takes its slice: N processes compute what one process
+would, and `--resume` continues bit for bit.
 
 A run writes to --out: latest.pt (the checkpoint, see nanopiti/checkpoint.py), log.jsonl (every
 loss term per step), samples/step_NNNNNN.png (condition | EMA sample | ground truth) and args.json.
@@ -45,24 +39,25 @@ from tqdm.auto import tqdm
 from nanopiti import ModelError, build_model
 from nanopiti.checkpoint import (CheckpointError, folder_problem, latest_checkpoint, load_checkpoint, open_log,
                                  rng_state, run_lock, save_checkpoint, set_rng_state)
-from nanopiti.batches import PROBE_PAIRS, EpochIndexed, StepBatches, check_data, make_dataset, model_condition
-from nanopiti.data import DataError, collate_skip_none
+from nanopiti.data import DataError, EpochIndexed, PairedDataset, StepBatches, SyntheticPairs, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
-from nanopiti.evaluate import condition_use
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
-from nanopiti.guidance import make_guided_model_fn
-from nanopiti.model import TASK_CHANNELS
-from nanopiti.finetune import TrainError, initial_model
+from nanopiti.guidance import condition_use, make_guided_model_fn
+from nanopiti.conditions import TASK_CHANNELS
+from nanopiti.model import UNET_KEYS, base_config, infer_config, load_model, toy_config
+from nanopiti.ops import DTYPES
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
-from nanopiti.timesteps import LossAwareSampler
-from nanopiti.toy import ToyWorldError
+from nanopiti.timesteps import LossAwareTimesteps
+from toyworld.data import ToyDataset
+from toyworld.world import TOY_SCENES, ToyTokenizer, ToyWorldError
 
 DATA_TASK = {"ade20k": "mask", "coco": "mask", "coco-sketch": "sketch", "diode": "depth"}
 DEFAULT_LR = {"0": 1e-4, "1": 3.5e-5, "2": 3e-5, "up": 1e-5}  # paper (stages 1, 2), release (up)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-TOY_SCENES = 1800  # the toy world's training scenes (seeds 0..1799); validation uses the next ones
+PROBE_PAIRS = 16  # held-out pairs of the condition measure (its previews: the first --num-samples)
 
+class TrainError(ValueError):
+    """A training run that cannot start or go on; the message says why and what to do."""
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description="Train nanopiti (see the module docstring).")
@@ -86,7 +81,7 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as min(ema, (1+n)/(10+n)))")
     p.add_argument("--uncond-p", type=float, help="null-condition probability (default 0.2; 0 for stage up)")
-    p.add_argument("--schedule-sampler", choices=["uniform", "loss-aware"], default="uniform")
+    p.add_argument("--timesteps", choices=["uniform", "loss-aware"], default="uniform", help="timestep sampling")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
@@ -115,7 +110,6 @@ def get_args(argv=None):
     args.uncond_p = args.uncond_p if args.uncond_p is not None else (0.0 if args.stage == "up" else 0.2)
     args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
     return args
-
 
 def check_args(args):
     """Every option, checked before any work starts: one line naming the option and what to do."""
@@ -149,6 +143,130 @@ def check_args(args):
             raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
                              "--resume auto, or give a new --out")
 
+# --- the model each stage starts from (paper section 3.3) ---
+
+INIT_HINT = {
+    "1": ("stage 1 expects a text prior: GLIDE's base.pt (python -m nanopiti.download glide-base) or a stage-0 "
+          "checkpoint (python train.py --stage 0)"),
+    "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
+    "up": ("stage up expects GLIDE's upsample.pt (python -m nanopiti.download glide-upsample) or a stage-0 "
+           "upsampler (python train.py --stage 0 --model upsample)"),
+}
+# The text encoder's parameters in a GLIDE checkpoint: everything else is the UNet.
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
+
+def template(args, kind, super_res):
+    """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
+    if args.model_size == "toy":
+        return toy_config(kind, super_res, args.task, n_vocab=len(ToyTokenizer.VOCAB))
+    return base_config(kind, super_res, args.task)
+
+def read_init(args):
+    """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
+    the head counts and image size of --model-size, which its weights do not record."""
+    try:
+        obj = torch.load(args.init, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainError(f"--init {args.init}: no such file; {INIT_HINT[args.stage]}") from None
+    except Exception as e:
+        raise TrainError(f"--init {args.init}: not a PyTorch checkpoint ({type(e).__name__}); {INIT_HINT[args.stage]}") from None
+    try:
+        if isinstance(obj, dict) and "config" in obj and "model" in obj:
+            return load_model(obj)
+        inferred = infer_config(obj)
+        return load_model({"state_dict": obj, "config": template(args, inferred["kind"], inferred["super_res"])})
+    except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
+        raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
+
+def initial_model(args):
+    """The model a fresh run starts from. Stage 0: a new text prior. Stage 1 (and stage 2 or up
+    from a prior): the paper's surgery, below. Stage 2: the stage-1 model ('scratch': the same
+    architecture, untrained: the paper's from-scratch baseline). train() then freezes the
+    decoder in stage 1, so that only the new encoder learns."""
+    if args.stage == "0":
+        if args.init:
+            raise TrainError("stage 0 trains a text prior from scratch and takes no --init")
+        return build_model(template(args, "glide", args.model == "upsample"))
+    if not args.init:
+        raise TrainError(f"stage {args.stage} needs --init: {INIT_HINT[args.stage]}")
+    if args.stage == "2" and args.init == "scratch":
+        return build_model(template(args, "piti", False))
+    init = read_init(args)
+    if init.config["super_res"] != (args.stage == "up"):
+        have = "an upsampler" if init.config["super_res"] else "a base model"
+        raise TrainError(f"--init {args.init} is {have}; {INIT_HINT[args.stage]}")
+    if init.config["kind"] == "piti":
+        if args.stage == "1":
+            raise TrainError(f"--init {args.init} is already a PITI model; {INIT_HINT['1']}, or continue it with --stage 2")
+        if init.config["task"] != args.task:
+            raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
+        return init
+    # The surgery: the decoder is the prior's UNet, `transformer_proj` included (the pooled
+    # condition keeps its path into the timestep embedding); the text encoder is dropped and a
+    # new task encoder of the same width takes its place.
+    config = template(args, "piti", init.config["super_res"])
+    config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule")})
+    if config["encoder_width"] != init.config["xf_width"]:
+        raise TrainError(f"--init {args.init} has text width {init.config['xf_width']} but a {args.model_size}-size "
+                         f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "
+                         f"need equal widths: pass --model-size {'full' if init.config['xf_width'] == 512 else 'toy'}")
+    model = build_model(config)
+    model.decoder.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith(TEXT_KEYS)})
+    return model
+
+# --- the data ---
+
+def list_file(args, split):
+    """The list file of a split ("train" or "val"), or None for data made on the fly."""
+    explicit = args.train_list if split == "train" else args.val_list
+    if args.data == "synthetic" or (args.data == "toy" and not explicit):
+        return None
+    return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
+
+def check_data(args):
+    """Fail early, before loading any weights, when the training pairs are not there."""
+    path = list_file(args, "train")
+    if path is not None and not os.path.isfile(path):
+        where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
+        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
+                         f"python prepare_data.py --data {args.data}{where} {os.path.dirname(path) or '.'}")
+
+def make_dataset(args, config, split):
+    """The training ("train") or preview ("val") dataset for this run."""
+    low_res = 64 if config["image_size"] == 256 else config["image_size"] // 2  # GLIDE 64 -> 256, toy 32 -> 64
+    if args.data == "synthetic":
+        return SyntheticPairs(config, low_res)
+    kw = dict(resolution=config["image_size"], upsampler=config["super_res"], low_res=low_res, seed=args.seed,
+              cond_size=config.get("cond_size", 128 if args.model_size == "toy" else 256))
+    path = list_file(args, split)
+    if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
+        first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, PROBE_PAIRS))
+        return ToyDataset(count, args.task, first_scene=first, **kw)
+    if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
+        return make_dataset(args, config, "train")
+    return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
+
+def model_kwargs(model, batch, device, drop=None):
+    """(kwargs, null kwargs): the model's keyword arguments for a batch, and their null condition.
+
+    PITI: cond, the condition picture; its null is all ones (as the released models).
+    GLIDE: text and text_mask of the caption; its null is the empty caption (all padding).
+    `drop` (B,) bool replaces the condition by the null one: classifier-free dropout."""
+    config = model.config
+    if config["kind"] == "piti":
+        kwargs = {"cond": batch["cond"].to(device)}
+    elif "text" in batch:
+        kwargs = {"text": batch["text"].to(device), "text_mask": batch["text_mask"].to(device)}
+    else:
+        pairs = [ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]]
+        kwargs = {"text": torch.stack([p[0] for p in pairs]).to(device),
+                  "text_mask": torch.stack([p[1] for p in pairs]).to(device)}
+    null = {k: (torch.ones_like if k == "cond" else torch.zeros_like)(v) for k, v in kwargs.items()}
+    if drop is not None:
+        kwargs = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in kwargs.items()}
+    if config["super_res"]:
+        kwargs["low_res"] = batch["low_res"].to(device)
+    return kwargs, null
 
 # --- distributed setup and previews ---
 
@@ -163,18 +281,16 @@ def setup_distributed():
         torch.cuda.set_device(local)
     return dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local}" if cuda else "cpu")
 
-
 @torch.no_grad()
-def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
+def save_preview(path, ema, batch, args, device, autocast):
     """A grid, one row per sample: [condition |] [low-res |] EMA sample | ground truth."""
     config = ema.config
-    sampler = model_diffusion(config["noise_schedule"], diffusion_steps)
-    cond, null = model_condition(ema, batch, device)
-    kind = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
-    model_fn = make_guided_model_fn(ema, cond, null, args.sample_w, kind)
+    diffusion = model_diffusion(config["noise_schedule"], args.sample_steps)
+    guidance = "ncf" if args.uncond_p > 0 and args.sample_w > 0 else "none"
+    model_fn = make_guided_model_fn(ema, *model_kwargs(ema, batch, device), args.sample_w, guidance)
     n, r = batch["image"].shape[0], config["image_size"]
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same noise in every preview
-    loop = sampler.ddim_sample_loop if diffusion_steps.startswith("ddim") else sampler.p_sample_loop
+    loop = diffusion.ddim_sample_loop if args.sample_steps.startswith("ddim") else diffusion.p_sample_loop
     with autocast:
         out = loop(model_fn, (n, 3, r, r), temperature=0.997 if config["super_res"] else 1.0,
                    device=device, generator=generator, progress=False)
@@ -184,17 +300,6 @@ def save_preview(path, ema, batch, diffusion_steps, args, device, autocast):
     if config["kind"] == "glide" and "caption" in batch:  # the text prior's condition, row by row
         with open(path[:-len(".png")] + ".txt", "w") as f:
             f.writelines(c + "\n" for c in batch["caption"])
-
-
-@torch.no_grad()
-def measure_condition(ema, probe, device, autocast):
-    """The condition measure of the EMA model on the held-out probe pairs: wrong / right condition
-    noise-prediction error at t = 300, 500, 700 (nanopiti.evaluate.condition_use; 1 = ignored)."""
-    cond, null = model_condition(ema, probe, device)
-    with autocast:
-        use = condition_use(ema, probe["image"].to(device), cond, null)
-    return {t: round(v["ratio"], 4) for t, v in use.items()}
-
 
 # --- training ---
 
@@ -259,7 +364,7 @@ def train(args):
                                                     broadcast_buffers=False) if world > 1 else model
 
     diffusion = model_diffusion(config["noise_schedule"])
-    loss_aware = LossAwareSampler(diffusion.num_timesteps) if args.schedule_sampler == "loss-aware" else None
+    loss_aware = LossAwareTimesteps(diffusion.num_timesteps) if args.timesteps == "loss-aware" else None
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the same on every process
 
     # The upsampler's extra losses: perceptual (frozen VGG) and adversarial (its own optimizer).
@@ -276,31 +381,21 @@ def train(args):
         disc.requires_grad_(False)  # only the discriminator step turns its gradients on
         disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
 
+    # Everything a checkpoint holds besides the model (see nanopiti/checkpoint.py), by its key.
+    stateful = {"ema": ema, "optimizer": opt, "disc": disc, "disc_optimizer": disc_opt, "timesteps": loss_aware,
+                "scaler": scaler if scaler.is_enabled() else None}
+    stateful = {k: v for k, v in stateful.items() if v is not None}
     start = 0
     if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
-        if scaler.is_enabled() and "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        if loss_aware is not None and "sampler" in ckpt:
-            loss_aware.load_state_dict(ckpt["sampler"])
+        for k, v in stateful.items():
+            if k in ckpt or k in ("ema", "optimizer"):
+                v.load_state_dict(ckpt[k])
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
 
     def checkpoint_state(step):
-        state = {"config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "optimizer": opt.state_dict(), "step": step, "stage": args.stage, "task": args.task,
-                 "args": vars(args), "rng": rng_state(generator)}
-        if disc is not None:
-            state.update(disc=disc.state_dict(), disc_optimizer=disc_opt.state_dict())
-        if scaler.is_enabled():
-            state["scaler"] = scaler.state_dict()
-        if loss_aware is not None:
-            state["sampler"] = loss_aware.state_dict()
-        return state
+        return {"config": config, "model": model.state_dict(), "step": step, "stage": args.stage, "task": args.task,
+                "args": vars(args), "rng": rng_state(generator), **{k: v.state_dict() for k, v in stateful.items()}}
 
     # Data: this process's slice of every global batch, from the resumed step on.
     dataset = make_dataset(args, config, "train")
@@ -345,12 +440,12 @@ def train(args):
         mine = slice(rank * local_batch, (rank + 1) * local_batch)
         t, weights, noise, drop, mix = t_all[mine], w_all[mine], noise_all[mine], drop_all[mine], mix_all[mine]
         x0 = batch["image"].to(device)
-        cond, _ = model_condition(model, batch, device, drop)
+        kwargs, _ = model_kwargs(model, batch, device, drop)
 
         terms, per_sample, fakes = {}, [], []
         chunks = [slice(i, min(i + micro, local_batch)) for i in range(0, local_batch, micro)]
         for i, sl in enumerate(chunks):
-            kw = {k: v[sl] for k, v in cond.items()}
+            kw = {k: v[sl] for k, v in kwargs.items()}
             # DDP all-reduces gradients in the backward; only the last micro-batch needs it.
             sync = contextlib.nullcontext() if (world == 1 or i == len(chunks) - 1) else net.no_sync()
             with sync:
@@ -417,10 +512,12 @@ def train(args):
             timed_samples, timed_seconds = timed_samples + args.batch_size, timed_seconds + elapsed
         if master:
             if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
-                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview,
-                             args.sample_steps, args, device, autocast)
-                if probe["image"].shape[0] >= 2:  # the measure swaps the conditions of two pairs
-                    record["condition"] = measure_condition(ema, probe, device, autocast)
+                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview, args,
+                             device, autocast)
+                if probe["image"].shape[0] >= 2:  # the condition measure swaps the conditions of two pairs
+                    with autocast:  # wrong / right condition noise error at t = 300, 500, 700 (1: ignored)
+                        use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
+                    record["condition"] = {t: round(v["ratio"], 4) for t, v in use.items()}
                     tqdm.write(f"step {step + 1}: wrong/right condition noise error " +
                                ", ".join(f"{v:.3f} at t={t}" for t, v in record["condition"].items()))
             log.write(json.dumps(record) + "\n")
@@ -446,7 +543,6 @@ def train(args):
         dist.barrier()
         dist.destroy_process_group()
 
-
 def main(argv=None):
     args = get_args(argv)
     try:
@@ -458,7 +554,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     except OSError as e:  # e.g. a full disk while writing a checkpoint (the previous one stays intact)
         sys.exit(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}")
-
 
 if __name__ == "__main__":
     main()

@@ -5,13 +5,10 @@
                                                           kernels/groupnorm_silu.py
     kernels.kernels_available(tensor) -> bool             whether to take the kernel path
 
-The PyTorch code in the model stays the readable reference; callers take the kernel path only when
-`kernels_available(x)` says so. The environment variable NANOPITI_KERNELS decides:
-
-    unset (default)   kernels for CUDA tensors when Triton imports, PyTorch otherwise
-    NANOPITI_KERNELS=0 always PyTorch (e.g. to compare, or to debug)
-    NANOPITI_KERNELS=1 kernels also for CPU tensors; this only works with TRITON_INTERPRET=1 set
-                       before `kernels` is imported (Triton's numpy interpreter: slow, for tests)
+The PyTorch code in the model stays the readable reference (nanopiti/ops.py); it takes the kernel
+path only when `kernels_available(x)` says so: for CUDA tensors when Triton imports, unless
+NANOPITI_KERNELS=0; with NANOPITI_KERNELS=1 also for CPU tensors, which only works with
+TRITON_INTERPRET=1 set before `kernels` is imported (Triton's numpy interpreter: slow, for tests).
 """
 
 import os
@@ -32,13 +29,11 @@ else:
     def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
         raise ImportError("kernels.groupnorm_silu needs Triton (pip install triton); use the PyTorch path instead")
 
-
 def kernels_available(tensor):
     """True when the Triton kernels should handle `tensor` (see the module docstring)."""
     mode = os.environ.get("NANOPITI_KERNELS", "")
     if mode == "0" or not _HAVE_TRITON:
         return False
     return tensor.is_cuda or mode == "1"
-
 
 __all__ = ["attention", "groupnorm_silu", "kernels_available"]

@@ -37,12 +37,10 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
-
 def _configs(gpu_configs, interpreter_config):
     """Few configs on a GPU (sm_90-oriented), one fixed small config under the interpreter."""
     entries = [interpreter_config] if INTERPRET else gpu_configs
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in entries]
-
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). The last, small config of each list is the one that
 # fits shared memory for fp32 inputs with D = 128; the autotuner skips configs that do not fit.
@@ -51,16 +49,12 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64
 _BWD_KV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (32, 32, 4, 1))
 _BWD_Q_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)], (32, 32, 4, 1))
 
-
-# ----------------------------------------------------------------------------------------------
-# Forward
-# ----------------------------------------------------------------------------------------------
+# --- Forward ---
 
 @triton.jit
 def _tile_ptrs(X, b, h, offs_rows, offs_d, stride_b, stride_h, stride_row, stride_d):
     """Pointers to rows `offs_rows` x columns `offs_d` of head h of batch b of a strided (B, H, L, D) tensor."""
     return X + b * stride_b + h * stride_h + offs_rows[:, None] * stride_row + offs_d[None, :] * stride_d
-
 
 @triton.jit
 def _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, stride_kn, stride_vn,
@@ -82,7 +76,6 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, str
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
-
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
@@ -123,10 +116,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
     tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Lq)
 
-
-# ----------------------------------------------------------------------------------------------
-# Backward
-# ----------------------------------------------------------------------------------------------
+# --- Backward ---
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -139,7 +129,6 @@ def _attn_bwd_preprocess_kernel(O, DO, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_
     o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(Delta + bh * Lq + offs_m, tl.sum(o * do, axis=1), mask=offs_m < Lq)
-
 
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
@@ -190,7 +179,6 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, qk_scale, sm_scale,
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask_n)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=mask_n)
 
-
 @triton.jit
 def _attn_bwd_dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, Lk, qk_scale, stride_kn, stride_vn,
                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, MASK: tl.constexpr):
@@ -208,7 +196,6 @@ def _attn_bwd_dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, Lk, qk_sc
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-
 
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
@@ -249,10 +236,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, qk_scale, sm_scale,
                                 stride_kn, stride_vn, BLOCK_N, DOT_PRECISION, MASK=True)
     tl.store(DQ + rows, (dq * sm_scale).to(DQ.dtype.element_ty), mask=mask_m[:, None])
 
-
-# ----------------------------------------------------------------------------------------------
-# Python side
-# ----------------------------------------------------------------------------------------------
+# --- Python side ---
 
 def _check_inputs(q, k, v):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -267,7 +251,6 @@ def _check_inputs(q, k, v):
     if not q.is_cuda and not INTERPRET:
         raise ValueError("attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)")
 
-
 def _launch_args(q, k, v):
     """Scalars shared by all kernels: scales, the strides of q, k, v, the sizes, and constexprs."""
     B, H, Lq, D = q.shape
@@ -275,7 +258,6 @@ def _launch_args(q, k, v):
     return dict(strides=(*q.stride(), *k.stride(), *v.stride()), sizes=(H, Lq, k.shape[2]),
                 qk_scale=sm_scale * LOG2E, sm_scale=sm_scale,
                 const=dict(HEAD_DIM=D, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
-
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
@@ -312,7 +294,6 @@ class _FlashAttention(torch.autograd.Function):
         _attn_bwd_dq_kernel[q_grid](q, k, v, do, lse, delta, dq, *shared, **a["const"])
         return dq, dk, dv
 
-
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v for q (B, H, Lq, D) and k, v (B, H, Lk, D); differentiable.
 
@@ -320,7 +301,6 @@ def attention(q, k, v):
     transpose of a fused qkv projection): the kernels read them through their strides.
     """
     return _FlashAttention.apply(q, k, v)
-
 
 def attention_reference(q, k, v):
     """The same computation in plain PyTorch (fp32 softmax), used by the tests and the benchmark."""

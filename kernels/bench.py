@@ -44,13 +44,11 @@ ATTENTION_CASES = [
     ("attn 8x8", (16, 12, 64, 320, 64)),
 ]
 
-
 def groupnorm_eager(x, weight, bias, scale, shift):
     h = F.group_norm(x, 32, weight.to(x.dtype), bias.to(x.dtype))
     if scale is not None:
         h = h * (1 + scale) + shift
     return F.silu(h)
-
 
 def groupnorm_glide(x, weight, bias, scale, shift):
     h = F.group_norm(x.float(), 32, weight, bias).to(x.dtype)
@@ -58,14 +56,12 @@ def groupnorm_glide(x, weight, bias, scale, shift):
         h = h * (1 + scale) + shift
     return F.silu(h)
 
-
 def attention_glide(q, k, v):
     """GLIDE's QKVAttention on (B*H, D, L) tensors."""
     scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).to(weight.dtype)
     return torch.einsum("bts,bcs->bct", weight, v)
-
 
 def _time(fn, inputs, backward):
     """Milliseconds per call of fn(*inputs), or of its forward and backward."""
@@ -76,12 +72,10 @@ def _time(fn, inputs, backward):
     grad_out = torch.randn_like(fn(*inputs))
     return do_bench(lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out))
 
-
 def _peaks():
     """(bytes/s, flop/s) of this GPU, or (0, 0) for one not in PEAKS (printed as n/a)."""
     name = torch.cuda.get_device_name()
     return next(((bw, fl) for key, bw, fl in PEAKS if key in name), (0, 0))
-
 
 def bench_groupnorm(name, shape, film, dtype, impls, rows):
     import kernels
@@ -107,7 +101,6 @@ def bench_groupnorm(name, shape, film, dtype, impls, rows):
             rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
                              rate=minimum_bytes / ms / 1e6, unit="GB/s"))
 
-
 def bench_attention(name, shape, dtype, impls, rows):
     import kernels
     B, H, Lq, Lk, D = shape
@@ -125,10 +118,8 @@ def bench_attention(name, shape, dtype, impls, rows):
             rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
                              rate=flops / ms / 1e9, unit="TFLOP/s"))
 
-
 def print_header():
     print(f"{'case':<20} {'dtype':<6} {'pass':<8} {'impl':<13} {'ms':>8} {'speedup':>8} {'achieved':>16} {'% peak':>7}")
-
 
 def print_rows(rows, baseline):
     """Print rows as they are measured (a run cut short still shows its table so far)."""
@@ -141,7 +132,6 @@ def print_rows(rows, baseline):
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[r["dtype"]]
         print(f"{r['case']:<20} {dtype:<6} {r['pass_']:<8} {r['impl']:<13} {r['ms']:8.3f} "
               f"{baseline[key] / r['ms']:7.2f}x {r['rate']:8.1f} {r['unit']:<7} {frac}", flush=True)
-
 
 def print_targets(rows):
     """Our bf16 targets (not the issue's), checked on the largest GroupNorm and attention cases."""
@@ -164,7 +154,6 @@ def print_targets(rows):
     print("\ntargets (bf16):")
     for text, value, target in checks:
         print(f"  {'PASS' if value >= target else 'FAIL'}  {text}: {value:.2f} (target {target})")
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -195,7 +184,6 @@ def main():
             print_rows(new, baseline)
             rows += new
     print_targets(rows)
-
 
 if __name__ == "__main__":
     main()

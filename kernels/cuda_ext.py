@@ -17,24 +17,20 @@ SOURCE = Path(__file__).with_name("groupnorm_silu.cu")
 # Generated when PyTorch is built with CUDA, so a CPU wheel lacks it; the one definition it holds:
 CUDA_CMAKE_MACROS = "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n"
 
-
 def find_nvcc():
     """The path of nvcc (on PATH, or under PyTorch's idea of CUDA_HOME), or None."""
     from torch.utils.cpp_extension import CUDA_HOME
     in_cuda_home = CUDA_HOME and Path(CUDA_HOME) / "bin" / "nvcc"
     return shutil.which("nvcc") or (str(in_cuda_home) if in_cuda_home and in_cuda_home.exists() else None)
 
-
 def cuda_ext_available():
     """True where the extension can be built and run: a CUDA build of PyTorch, a GPU, and nvcc."""
     return torch.cuda.is_available() and torch.version.cuda is not None and find_nvcc() is not None
-
 
 @functools.cache
 def _extension():
     from torch.utils.cpp_extension import load
     return load(name="nanopiti_groupnorm_silu", sources=[str(SOURCE)], extra_cuda_cflags=["-O3"], verbose=False)
-
 
 def groupnorm_silu_cuda(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
     """Forward of kernels.groupnorm_silu (same arguments, no autograd), computed by the CUDA kernels."""
@@ -43,7 +39,6 @@ def groupnorm_silu_cuda(x, weight, bias, num_groups, eps=1e-5, scale=None, shift
     y = _extension().forward(x.reshape(B, C, -1).contiguous(), weight.float().contiguous(),
                              bias.float().contiguous(), film[0], film[1], num_groups, eps, silu)
     return y.view(x.shape)
-
 
 def nvcc_compile(output, arch="sm_90"):
     """Compile groupnorm_silu.cu into the object file `output` with nvcc alone: no GPU, no linking.

@@ -39,7 +39,6 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-
 def _plan(N):
     """Elements per program step (BLOCK), steps per reduction chunk (ITERS), chunks per row (SN)."""
     # Under the interpreter small blocks keep numpy fast and make the tests cover several chunks.
@@ -47,7 +46,6 @@ def _plan(N):
     iters = min(2 if INTERPRET else 4, triton.cdiv(N, block))
     num_warps = min(8, max(1, block // 256))  # 8 elements (16 bytes of bf16) per thread at 2048
     return block, iters, triton.cdiv(N, block * iters), num_warps
-
 
 @triton.jit
 def _row_coefficients(W, Bias, Scale, Shift, b, c, stride_scale, stride_shift,
@@ -64,7 +62,6 @@ def _row_coefficients(W, Bias, Scale, Shift, b, c, stride_scale, stride_shift,
         bf = bf + tl.load(Shift + b * stride_shift + c).to(tl.float32)
     return af, bf
 
-
 @triton.jit
 def _silu_and_grad(f, SILU: tl.constexpr):
     """(silu(f), d silu / d f) or (f, 1); silu' = sig (1 + f (1 - sig))."""
@@ -76,7 +73,6 @@ def _silu_and_grad(f, SILU: tl.constexpr):
         y = f
         dy_df = 1.0
     return y, dy_df
-
 
 @triton.jit
 def _gn_stats_kernel(X, PMean, PM2, N, SN, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -97,7 +93,6 @@ def _gn_stats_kernel(X, PMean, PM2, N, SN, BLOCK: tl.constexpr, ITERS: tl.conste
     tl.store(PMean + pid, x0 + s1_total / n)
     tl.store(PM2 + pid, tl.maximum(tl.sum(s2, axis=0) - s1_total * s1_total / n, 0.0))
 
-
 @triton.jit
 def _group_partials(P, b, g, C, Cg, SN, CG_BLOCK: tl.constexpr, SN_BLOCK: tl.constexpr):
     """The (Cg, SN) per-chunk partials of group g of sample b, zero-padded to (CG_BLOCK, SN_BLOCK)."""
@@ -106,7 +101,6 @@ def _group_partials(P, b, g, C, Cg, SN, CG_BLOCK: tl.constexpr, SN_BLOCK: tl.con
     mask = (ch < Cg)[:, None] & (k < SN)[None, :]
     rows = b.to(tl.int64) * C + g * Cg + ch
     return tl.load(P + rows[:, None] * SN + k[None, :], mask=mask, other=0.0), mask
-
 
 @triton.jit
 def _gn_apply_kernel(X, Y, PMean, PM2, W, Bias, Scale, Shift, Mean, Rstd,
@@ -144,7 +138,6 @@ def _gn_apply_kernel(X, Y, PMean, PM2, W, Bias, Scale, Shift, Mean, Rstd,
     y, _ = _silu_and_grad((x - mean) * a + bf, SILU)
     tl.store(Y + row.to(tl.int64) * N + offs, y.to(Y.dtype.element_ty), mask=offs < N)
 
-
 @triton.jit
 def _gn_bwd_reduce_kernel(X, DY, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
                           C, G, Cg, N, SN, stride_scale, stride_shift,
@@ -171,7 +164,6 @@ def _gn_bwd_reduce_kernel(X, DY, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
         s2 += df * xhat
     tl.store(P1 + pid, tl.sum(s1, axis=0))
     tl.store(P2 + pid, tl.sum(s2, axis=0))
-
 
 @triton.jit
 def _gn_bwd_dx_kernel(X, DY, DX, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
@@ -207,7 +199,6 @@ def _gn_bwd_dx_kernel(X, DY, DX, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
     dx = rstd * (af * dy * dsilu - c1 - xhat * c2)  # af is this row's a' = w (1 + s)
     tl.store(DX + row.to(tl.int64) * N + offs, dx.to(DX.dtype.element_ty), mask=offs < N)
 
-
 def _film_rows(t, B, C, name):
     """scale/shift of shape (B, C) or (B, C, 1, ...) as a (B, C) view with unit column stride."""
     if t is None:
@@ -216,7 +207,6 @@ def _film_rows(t, B, C, name):
         raise ValueError(f"groupnorm_silu: {name} must have B*C = {B}*{C} elements, got shape {tuple(t.shape)}")
     t = t.reshape(B, C)
     return t if t.stride(1) == 1 else t.contiguous()
-
 
 class _GroupNormSiLU(torch.autograd.Function):
     @staticmethod
@@ -286,7 +276,6 @@ class _GroupNormSiLU(torch.autograd.Function):
         dshift = s1_rows.to(t2.dtype).view(shift_shape) if need_t else None
         return dx.view(x_shape), dweight, dbias, dscale, dshift, None, None, None
 
-
 def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
     """SiLU(GroupNorm(x) * (1 + scale) + shift) in one fused Triton pass; differentiable.
 
@@ -295,7 +284,6 @@ def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None
     has x's dtype and shape.
     """
     return _GroupNormSiLU.apply(x, weight, bias, scale, shift, num_groups, eps, silu)
-
 
 def groupnorm_silu_reference(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
     """The same computation in plain PyTorch, all in fp32 and cast back once, for tests and benchmarks."""

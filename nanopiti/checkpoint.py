@@ -10,7 +10,7 @@ A nanopiti training checkpoint is one dict that `torch.load(..., weights_only=Tr
     scaler            the fp16 GradScaler's state (fp16 runs only)
     step, stage, task, args
     rng               the random generator states, as tensors
-    sampler           the loss-aware timestep sampler's loss history, as tensors
+    timesteps         the loss-aware timestep sampling's loss history, as tensors
 
 Atomic writes: a crash (power loss, kill -9, a full disk) while a checkpoint is being written
 must never destroy the previous one. So the new checkpoint goes to a temporary file in the same
@@ -36,10 +36,8 @@ import sys
 
 import torch
 
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read, or does not fit the run."""
-
 
 def save_checkpoint(obj, path):
     """Write `obj` to `path` atomically (temporary file, fsync, rename)."""
@@ -71,7 +69,6 @@ def save_checkpoint(obj, path):
         finally:
             os.close(fd)
 
-
 def load_checkpoint(path, map_location="cpu"):
     """Read a training checkpoint written by `save_checkpoint`."""
     if not os.path.isfile(path):
@@ -85,12 +82,10 @@ def load_checkpoint(path, map_location="cpu"):
                               "to start from released weights use --init instead of --resume")
     return obj
 
-
 def latest_checkpoint(out_dir):
     """The path of `out_dir`/latest.pt, or None when the run has not saved yet."""
     path = os.path.join(out_dir, "latest.pt")
     return path if os.path.isfile(path) else None
-
 
 def open_log(path, start):
     """log.jsonl for appending, without the records of steps after `start` (written after the
@@ -114,7 +109,6 @@ def open_log(path, start):
         f.writelines(kept)
     return open(path, "a")
 
-
 def _alive(pid):
     """Whether process `pid` runs (on this machine)."""
     try:
@@ -124,7 +118,6 @@ def _alive(pid):
     except PermissionError:  # it runs, as another user
         return True
     return True
-
 
 def remove_stale_temporaries(folder):
     """Delete the `*.<pid>.tmp` files that `save_checkpoint` calls of processes that no longer run
@@ -169,7 +162,6 @@ def run_lock(folder):
             with contextlib.suppress(OSError):
                 os.rmdir(empty)
 
-
 def folder_problem(folder):
     """Why files cannot be written into `folder` (created if missing), or None when they can.
     Nothing is created: the deepest part of the path that exists must be a writable folder."""
@@ -182,7 +174,6 @@ def folder_problem(folder):
         return f"the folder {path} is not writable"
     return None
 
-
 def rng_state(generator):
     """The states of `generator` and of torch's global CPU and CUDA generators, as tensors."""
     state = {"generator": generator.get_state(), "torch": torch.get_rng_state()}
@@ -190,14 +181,12 @@ def rng_state(generator):
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
-
 def set_rng_state(generator, state):
     """Restore what `rng_state` saved."""
     generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
 
 def export_weights(src, dst, dtype=torch.float16):
     """Keep only what sampling and finetuning need: the config and the EMA weights (in `dtype`,

@@ -51,7 +51,6 @@ COCO_STUFF_CLASSES = (
     "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
     "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood")
 
-
 def label_colormap(n):
     """The (n, 3) uint8 color table: row v is the RGB color of class value v.
 
@@ -66,12 +65,10 @@ def label_colormap(n):
         ids = ids >> 3
     return cmap.astype(np.uint8)
 
-
 PALETTES = {
     "coco": label_colormap(COCO_PALETTE_SIZE),
     "ade20k": label_colormap(NUM_ADE20K_CLASSES),
 }
-
 
 def get_palette(palette):
     """Look up a palette by name ('coco' or 'ade20k'), or pass an (n, 3) table through."""
@@ -80,7 +77,6 @@ def get_palette(palette):
             raise ValueError(f"unknown palette {palette!r}; expected one of {sorted(PALETTES)}")
         return PALETTES[palette]
     return np.asarray(palette, dtype=np.uint8)
-
 
 def labels_to_color(label, palette="coco"):
     """Class-index map (H, W) -> color-coded label map (H, W, 3) uint8.
@@ -102,18 +98,15 @@ def labels_to_color(label, palette="coco"):
     lut = np.concatenate([table, np.zeros((1, 3), np.uint8)])
     return lut[np.where(label == UNLABELED, len(table), label)]
 
-
 def _pack(rgb):
     """(..., 3) uint8 -> (...,) int, one integer per color, so colors compare as numbers."""
     rgb = np.asarray(rgb, dtype=np.int64)
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
-
 def in_palette(color, palette="coco"):
     """(H, W, 3) colors -> (H, W) bool: True where the color is a palette color or black."""
     keys = np.append(_pack(get_palette(palette)), 0)
     return np.isin(_pack(color), keys)
-
 
 def color_to_labels(color, palette="coco"):
     """Color-coded label map (H, W, 3) -> class-index map (H, W) uint8; black -> 255.

@@ -16,8 +16,7 @@ All pictures are uint8 on disk and x / 127.5 - 1 in the model.
 import numpy as np
 import torch
 
-COND_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}
-
+TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # the condition channels of each task
 
 def l1_distance_transform(edges):
     """HxW bool -> HxW int distance (city block) to the nearest True pixel.
@@ -39,7 +38,6 @@ def l1_distance_transform(edges):
         np.minimum(d[y], d[y + 1] + 1, out=d[y])
     return d
 
-
 def binarize_sketch(gray):
     """HxW uint8 sketch -> HxW bool, True on the lines.
 
@@ -50,17 +48,14 @@ def binarize_sketch(gray):
     on = np.asarray(gray) >= 128
     return ~on if on.mean() > 0.5 else on
 
-
 def distance_field(edges):
     """HxW bool sketch -> 1xHxW float32 numpy array: the clipped L1 distance field in [-1, 1]."""
     dist = np.minimum(l1_distance_transform(edges), 255).astype(np.float32)
     return (dist / 127.5 - 1.0)[None]
 
-
 def sketch_to_condition(edges):
     """HxW bool sketch -> 1xHxW tensor: `distance_field` for the model."""
     return torch.from_numpy(distance_field(edges))
-
 
 # matplotlib's "jet" colormap as breakpoints (x, value) per channel; PITI colors depth with it.
 _JET = {
@@ -69,12 +64,10 @@ _JET = {
     "blue": [(0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)],
 }
 
-
 def jet_lut(n=256):
     """(n, 3) float table of the jet colormap, sampled like matplotlib at n points."""
     t = np.linspace(0.0, 1.0, n)
     return np.stack([np.interp(t, *zip(*_JET[c])) for c in ("red", "green", "blue")], axis=-1)
-
 
 def encode_depth(depth, valid):
     """Depth in meters (HxW) and validity mask -> HxWx3 uint8 jet picture, as PITI stores it.
@@ -94,7 +87,6 @@ def encode_depth(depth, valid):
     rgb = jet_lut()[index]
     rgb[~valid] = 0.0
     return (rgb * 255).astype(np.uint8)
-
 
 def encode_normal(normal):
     """Surface normals (HxWx3, components in [-1, 1], all-zero = unknown) -> HxWx3 uint8.

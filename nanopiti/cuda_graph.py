@@ -8,7 +8,6 @@ in the PyTorch notes on CUDA semantics).
 
 import torch
 
-
 def graphed(call):
     """Run call(x, t, **condition) as a CUDA graph: captured at the first step, replayed after.
 

@@ -33,9 +33,8 @@ import torch
 from PIL import Image
 
 from .colormap import in_palette, labels_to_color
-from .conditions import (COND_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
+from .conditions import (TASK_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
                          normals_from_depth, sketch_to_condition)
-
 
 class DataError(Exception):
     """A data file that cannot be used: unreadable, wrong size, wrong channels, missing.
@@ -47,10 +46,7 @@ class DataError(Exception):
         super().__init__(message)
         self.reason = reason
 
-
-# ---------------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------------
+# --- Reading files ---
 
 def open_image(path):
     """Open and fully decode an image, turning every PIL/OS failure into a one-line DataError."""
@@ -62,7 +58,6 @@ def open_image(path):
         raise DataError(f"{path}: no such file", reason="missing file") from None
     except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-
 
 def label_image_to_color(img, palette="coco", name="label map"):
     """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
@@ -86,7 +81,6 @@ def label_image_to_color(img, palette="coco", name="label map"):
     raise DataError(f"{name} has mode {img.mode}; expected an RGB color-coded map or "
                     "single-channel class indices", reason="wrong channels")
 
-
 def read_list(list_file):
     """Parse a list file: one pair per line, "image<TAB>condition[<TAB>caption]", paths
     relative to the list file; a condition made of several files lists them comma-separated
@@ -107,21 +101,16 @@ def read_list(list_file):
             entries.append((image, conds, caption, number))
     return entries
 
-
-# ---------------------------------------------------------------------------------------------
-# Geometry shared by the datasets
-# ---------------------------------------------------------------------------------------------
+# --- Geometry shared by the datasets ---
 
 def shorter_side_size(w, h, size):
     """(w, h) -> the size whose shorter side is `size` (longer side truncated, as PITI does)."""
     return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
 
-
 def _resize(arr, size, resample):
     if (arr.shape[1], arr.shape[0]) == size:
         return arr
     return np.asarray(Image.fromarray(arr).resize(size, resample))
-
 
 def _to_unit(arr):
     """HxWxC (or HxW) uint8 -> CxHxW float32 numpy array in [-1, 1].
@@ -132,20 +121,17 @@ def _to_unit(arr):
     x = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(x[None] if x.ndim == 2 else x.transpose(2, 0, 1))
 
-
 def _to_tensor(arr):
     return torch.from_numpy(_to_unit(arr))
 
-
-class _PairTransform:
+class PairTransform:
     """Resize / crop / flip an image and its condition arrays together, then encode them."""
 
-    def __init__(self, task, resolution, cond_size, uncond_p, random_flip, random_crop,
-                 upsampler, low_res):
-        if task not in COND_CHANNELS:
-            raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+    def __init__(self, task, resolution, cond_size, random_flip, random_crop, upsampler, low_res):
+        if task not in TASK_CHANNELS:
+            raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_CHANNELS)}")
         self.task, self.resolution, self.cond_size = task, resolution, cond_size
-        self.uncond_p, self.random_flip, self.random_crop = uncond_p, random_flip, random_crop
+        self.random_flip, self.random_crop = random_flip, random_crop
         self.upsampler, self.low_res = upsampler, low_res
 
     def __call__(self, image, conds, rng):
@@ -170,8 +156,6 @@ class _PairTransform:
             cond = distance_field(binarize_sketch(conds[0]))
         else:
             cond = np.concatenate([_to_unit(c) for c in conds], axis=0)
-        if self.uncond_p > 0 and rng.random() < self.uncond_p:
-            cond = np.ones_like(cond)  # the null condition of classifier-free guidance
 
         r = self.resolution
         image_r = _resize(np.ascontiguousarray(image), (r, r), Image.BICUBIC)
@@ -183,23 +167,18 @@ class _PairTransform:
             sample["low_res"] = torch.from_numpy(low)
         return sample
 
-
-def _rng(seed, epoch, index):
+def sample_rng(seed, epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
+# --- Datasets ---
 
 class PairedDataset(torch.utils.data.Dataset):
     """Pairs from a list file written by prepare_data.py (see `read_list` for the format).
 
     task: 'mask' | 'sketch' | 'depth'. resolution: side of `image` (64 base, 256 upsampler).
-    cond_size: side of `cond` (256 for PITI's encoder). uncond_p: probability of the null
-    condition. random_crop=False takes the center window. upsampler: add `low_res`, the image
-    degraded by nanopiti.degrade to resolution / (resolution // low_res). palette: colors for
-    label maps stored as class indices ('coco' or 'ade20k').
+    cond_size: side of `cond` (256 for PITI's encoder). random_crop=False takes the center window.
+    upsampler: add `low_res`, the image degraded by nanopiti.degrade to resolution / (resolution //
+    low_res). palette: colors for label maps stored as class indices ('coco' or 'ade20k').
 
     Lines whose files are missing are dropped when the dataset is built; files that turn out
     unreadable, of the wrong size or with the wrong channels are dropped when first read. Both
@@ -207,11 +186,9 @@ class PairedDataset(torch.utils.data.Dataset):
     own copy of the dataset: what it finds is reported by its warnings, not in the main copy.)
     """
 
-    def __init__(self, list_file, task, resolution=64, cond_size=256, uncond_p=0.0,
-                 random_flip=True, random_crop=True, upsampler=False, low_res=64, seed=0,
-                 palette="coco", max_substitutions=16):
-        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
-                                        random_crop, upsampler, low_res)
+    def __init__(self, list_file, task, resolution=64, cond_size=256, random_flip=True, random_crop=True,
+                 upsampler=False, low_res=64, seed=0, palette="coco", max_substitutions=16):
+        self.transform = PairTransform(task, resolution, cond_size, random_flip, random_crop, upsampler, low_res)
         self.list_file, self.task, self.palette = list_file, task, palette
         self.seed, self.epoch, self.max_substitutions = seed, 0, max_substitutions
         self.skipped = defaultdict(list)  # reason -> [path, ...]
@@ -272,7 +249,7 @@ class PairedDataset(torch.utils.data.Dataset):
                 self.skipped[e.reason].append(self.entries[j][0])
                 warnings.warn(f"skipping pair {j}: {e}")
                 continue
-            sample = self.transform(image, conds, _rng(self.seed, self.epoch, j))
+            sample = self.transform(image, conds, sample_rng(self.seed, self.epoch, j))
             sample["path"] = self.entries[j][0]
             if self.entries[j][2] is not None:
                 sample["caption"] = self.entries[j][2]
@@ -287,67 +264,81 @@ class PairedDataset(torch.utils.data.Dataset):
         reasons = ", ".join(f"{k}: {len(v)} (e.g. {v[0]})" for k, v in sorted(self.skipped.items()))
         return f"{self.list_file}: {len(self.entries) - len(self._bad)} usable pairs, {n_skipped} skipped ({reasons})"
 
-
-class ToyDataset(torch.utils.data.Dataset):
-    """Scenes of nanopiti's procedural toy world, rendered on the fly (no files needed).
-
-    Scene i has layout seed `first_scene + i`: the layout (what is where) is fixed, so label
-    maps, sketches and depth stay the same across epochs. With `vary_appearance`, the colors and
-    textures are re-drawn every epoch from (seed, epoch, i), so one layout maps to many images,
-    as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
-    """
-
-    def __init__(self, num_scenes, task, resolution=64, cond_size=256, uncond_p=0.0,
-                 random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
-                 vary_appearance=True):
-        self.transform = _PairTransform(task, resolution, cond_size, uncond_p, random_flip,
-                                        False, upsampler, low_res)
-        self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
-        self.seed, self.epoch, self.first_scene = seed, 0, first_scene
-        self.vary_appearance = vary_appearance
-
-    def __len__(self):
-        return self.num_scenes
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __getitem__(self, index):
-        from .toy import render_scene
-        rng = _rng(self.seed, self.epoch, index)
-        appearance = int(rng.integers(2**31)) if self.vary_appearance else None
-        scene = render_scene(self.first_scene + index, self.cond_size, appearance_seed=appearance)
-        image, conds = scene_condition_arrays(scene, self.task)
-        sample = self.transform(image, conds, rng)
-        sample["caption"] = scene.caption
-        sample["path"] = f"toy:{self.first_scene + index}"
-        return sample
-
-
-def scene_condition_arrays(scene, task):
-    """A toy scene (nanopiti.toy.ToyScene) -> (image, [condition arrays]) in the encodings that
-    prepare_data.py stores: color label map; sketch 255/0; normals and depth as PITI's RGB
-    pictures, with the toy camera's focal length (the image height) and every pixel valid."""
-    if task == "mask":
-        conds = [labels_to_color(scene.label)]
-    elif task == "sketch":
-        conds = [np.where(scene.sketch > 0, 255, 0).astype(np.uint8)]
-    else:
-        depth = scene.depth
-        conds = [encode_normal(normals_from_depth(depth, focal=depth.shape[0])),
-                 encode_depth(depth, np.ones_like(depth))]
-    return scene.image, conds
-
-
 def collate_skip_none(batch):
     """DataLoader collate that drops the (rare) None samples instead of crashing the epoch."""
     batch = [b for b in batch if b is not None]
     return torch.utils.data.default_collate(batch) if batch else None
 
+class EpochIndexed(torch.utils.data.Dataset):
+    """Reads keys (epoch, index): the augmentation of a sample depends on its epoch (set_epoch),
+    and a global batch may straddle two epochs, so the epoch travels with every index."""
 
-# ---------------------------------------------------------------------------------------------
-# One condition from a user's file (sample.py)
-# ---------------------------------------------------------------------------------------------
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+class StepBatches(torch.utils.data.Sampler):
+    """This process's share of the global batch of every step, from `start` on.
+
+    The sample stream is the concatenation of one random permutation per epoch (seeded by
+    (seed, epoch)); global batch k is its slice [k B, (k + 1) B) and process r takes the r-th of
+    `world` equal parts. So the data order depends only on the seed and the step: a resumed run
+    reads exactly what the uninterrupted run would have read, with any number of processes.
+    """
+
+    def __init__(self, n, global_batch, rank, world, seed, start, stop):
+        self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start, self.stop = seed, start, stop
+        self._perms = {}
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def _item(self, position):
+        epoch, i = divmod(position, self.n)
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return epoch, int(self._perms[epoch][i])
+
+    def __iter__(self):
+        share = self.batch // self.world
+        for step in range(self.start, self.stop):
+            first = step * self.batch + self.rank * share
+            yield [self._item(p) for p in range(first, first + share)]
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Random tensors of the right shapes (and random caption tokens): benchmarks without data."""
+
+    def __init__(self, config, low_res, size=100_000):
+        self.config, self.low_res, self.size = config, low_res, size
+
+    def __len__(self):
+        return self.size
+
+    def set_epoch(self, epoch):
+        pass
+
+    def __getitem__(self, index):
+        g, c, r = torch.Generator().manual_seed(index), self.config, self.config["image_size"]
+        sample = {"image": torch.rand(3, r, r, generator=g) * 2 - 1}
+        if c["kind"] == "glide":
+            sample["text"] = torch.randint(0, c["n_vocab"], (c["text_ctx"],), generator=g)
+            sample["text_mask"] = torch.ones(c["text_ctx"], dtype=torch.bool)
+        else:
+            size = c["cond_size"]
+            sample["cond"] = torch.rand(c["cond_channels"], size, size, generator=g) * 2 - 1
+        if c["super_res"]:
+            sample["low_res"] = torch.rand(3, self.low_res, self.low_res, generator=g) * 2 - 1
+        return sample
+
+# --- One condition from a user's file (sample.py) ---
 
 def load_condition_image(path, task, palette=None, size=256):
     """A condition picture of any size -> C x size x size float tensor in [-1, 1].
@@ -358,8 +349,8 @@ def load_condition_image(path, task, palette=None, size=256):
     binarized (either polarity) and turned into the distance field. depth: "normal.png,depth.png"
     or a "*_depth.png" next to its "*_normal.png". Raises DataError with a one-line message.
     """
-    if task not in COND_CHANNELS:
-        raise DataError(f"unknown task {task!r}; expected one of {sorted(COND_CHANNELS)}")
+    if task not in TASK_CHANNELS:
+        raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_CHANNELS)}")
     if task == "depth":
         paths = path.split(",")
         if len(paths) == 1:
@@ -388,7 +379,6 @@ def load_condition_image(path, task, palette=None, size=256):
         raise DataError(f"{path}: a label map must be RGB (color-coded) or single-channel class "
                         f"indices, got mode {img.mode} ({len(img.getbands())} channels)")
     return _to_tensor(color)
-
 
 def _warn_off_palette(path, color, palette):
     """Colors outside the palette mean an antialiased or foreign map: usable, but say so."""

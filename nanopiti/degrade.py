@@ -33,10 +33,8 @@ JPEG_QUALITY = (80, 95)
 L0_LAMBDA = (1.2e-3, 4e-3)
 INTERPOLATIONS = ("bilinear", "bicubic", "area")  # cv2's INTER_LINEAR, INTER_CUBIC, INTER_AREA
 
-
 class DegradeError(ValueError):
     """An image the degradations cannot take (wrong shape, channel count or value range)."""
-
 
 def as_float_image(img):
     """H x W x 3 uint8 (0..255) or float (0..1) -> float32 in [0, 1]."""
@@ -49,9 +47,7 @@ def as_float_image(img):
         raise DegradeError("float images must hold values in [0, 1] (or pass uint8 in 0..255)")
     return np.clip(img, 0, 1).astype(np.float32)
 
-
-# ----------------------------------------------------------------------------- kernels
-
+# --- kernels ---
 
 def _gaussian(size, inv_cov, center=0.0):
     """exp(-x^T C^-1 x / 2) on a size x size grid centered at (size - 1) / 2 + center, sum 1."""
@@ -62,10 +58,8 @@ def _gaussian(size, inv_cov, center=0.0):
     k = np.exp(e - e.max())  # shifted so that a tiny sigma still leaves a nonzero peak
     return k / k.sum()
 
-
 def isotropic_gaussian_kernel(size, sigma):
     return _gaussian(size, np.eye(2) / max(sigma, 1e-3) ** 2)
-
 
 def anisotropic_gaussian_kernel(size, theta, l1, l2):
     """Covariance with eigenvalues l1, l2 (variances), the first axis rotated by theta."""
@@ -73,17 +67,13 @@ def anisotropic_gaussian_kernel(size, theta, l1, l2):
     cov = rot @ np.diag([max(l1, 1e-3), max(l2, 1e-3)]) @ rot.T
     return _gaussian(size, np.linalg.inv(cov))
 
-
-# ----------------------------------------------------------------------------- operations
-
+# --- operations ---
 
 def _to_torch(img):
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
 
-
 def _to_numpy(x):
     return x[0].permute(1, 2, 0).numpy()
-
 
 def filter2d(img, kernel):
     """Correlate each channel with `kernel`, mirror padding (scipy's 'mirror' = torch 'reflect')."""
@@ -94,20 +84,17 @@ def filter2d(img, kernel):
     w = torch.from_numpy(kernel.astype(np.float32))[None, None].repeat(3, 1, 1, 1)
     return _to_numpy(F.conv2d(F.pad(x, pad, mode=mode), w, groups=3))
 
-
 def resize(img, height, width, mode, antialias=False):
     """Resize with torch's interpolation; bicubic with antialias is MATLAB's imresize."""
     options = {} if mode == "area" else {"align_corners": False, "antialias": antialias}
     x = F.interpolate(_to_torch(img), size=(max(height, 1), max(width, 1)), mode=mode, **options)
     return np.clip(_to_numpy(x), 0, 1)
 
-
 def jpeg(img, quality):
     """JPEG round trip through Pillow at the given quality."""
     buf = io.BytesIO()
     Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)).save(buf, "JPEG", quality=int(quality))
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), dtype=np.float32) / 255.0
-
 
 def l0_smooth(img, lam, kappa=2.0, beta_max=1e5):
     """L0 gradient minimization (Xu et al. 2011): min_S |S - I|^2 + lam * #{p : grad S(p) != 0}.
@@ -138,10 +125,8 @@ def l0_smooth(img, lam, kappa=2.0, beta_max=1e5):
         beta *= kappa
     return np.clip(s, 0, 1).transpose(1, 2, 0).astype(np.float32)
 
-
 def _random_resize(img, height, width, rng):
     return resize(img, height, width, INTERPOLATIONS[rng.integers(len(INTERPOLATIONS))])
-
 
 def _add_blur(img, sf, rng):
     """PITI's add_blur: variances up to (4 + sf) / 4, sigma up to (2 + 0.2 sf) / 4."""
@@ -151,7 +136,6 @@ def _add_blur(img, sf, rng):
     else:
         k = isotropic_gaussian_kernel(int(rng.integers(2, 5)) + 3, (2.0 + 0.2 * sf) / 4 * rng.random())
     return filter2d(img, k)
-
 
 def _add_noise(img, rng):
     level = rng.integers(NOISE_LEVELS[0], NOISE_LEVELS[1] + 1) / 255.0
@@ -166,13 +150,11 @@ def _add_noise(img, rng):
         noise = NOISE_LEVELS[1] / 255.0 * (rng.standard_normal(img.shape) * d) @ q
     return np.clip(img + noise.astype(np.float32), 0, 1)
 
-
 def downsample_nearest(img, sf, sigma):
     """Gaussian blur centered (sf - 1) / 2 pixels down-right, then keep every sf-th pixel:
     each kept pixel is a blurred sample of the center of its sf x sf block."""
     k = _gaussian(25, np.eye(2) / sigma ** 2, center=(sf - 1) / 2)
     return np.clip(filter2d(img, k)[::sf, ::sf], 0, 1)
-
 
 def degrade_bsr(img, sf, rng, p_l0=0.0):
     """PITI's BSR-light chain: H x W x 3 image -> float32 (H // sf) x (W // sf) x 3 in [0, 1].
@@ -214,7 +196,6 @@ def degrade_bsr(img, sf, rng, p_l0=0.0):
         elif step == "l0" and rng.random() < p_l0:
             image = l0_smooth(image, rng.uniform(*L0_LAMBDA))
     return (np.round(image * 255) / 255).astype(np.float32)
-
 
 def degrade_for_upsampler(img, sf, rng, p_l0=L0_P):
     """The low-resolution input of an upsampler training pair, as PITI's loader makes it:

@@ -34,14 +34,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-
 class DiffusionError(ValueError):
     """A diffusion schedule, respacing or model output that cannot be used."""
 
-
 # -----------------------------------------------------------------------------
 # Beta schedules and respacing
-
 
 def get_named_beta_schedule(name, num_steps):
     """Betas (float64 numpy array of length num_steps) of a named schedule.
@@ -63,12 +60,10 @@ def get_named_beta_schedule(name, num_steps):
         return np.array(betas, dtype=np.float64)
     raise DiffusionError(f"unknown beta schedule {name!r}: use 'linear' or 'squaredcos_cap_v2'")
 
-
 def model_diffusion(noise_schedule, respacing=""):
     """The process every GLIDE and PITI model was trained with: `noise_schedule` over 1000 steps,
     respaced to `respacing` for sampling (training uses all 1000)."""
     return GaussianDiffusion(get_named_beta_schedule(noise_schedule, 1000), respacing)
-
 
 def space_timesteps(num_timesteps, spec):
     """Sorted list of the original timesteps kept by a respacing spec.
@@ -111,7 +106,6 @@ def space_timesteps(num_timesteps, spec):
         start += size
     return sorted(set(steps))
 
-
 def _parse_int(text, spec):
     try:
         return int(text)
@@ -120,26 +114,21 @@ def _parse_int(text, spec):
             f"bad respacing {spec!r}: use '' (all steps), counts like '250' or '10,10,3,2,2', 'ddimN' or 'fast27'"
         ) from None
 
-
 # -----------------------------------------------------------------------------
 # Likelihood helpers for the variational bound (in nats; the loss converts to bits)
-
 
 def mean_flat(x):
     """Mean over every dimension except the batch one."""
     return x.mean(dim=tuple(range(1, x.ndim)))
-
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
-
 def _approx_standard_normal_cdf(x):
     # The tanh approximation of Phi used by the original code (kept for exactness).
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
-
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) of 8-bit images x in [-1, 1] under N(means, e^(2 log_scales)).
@@ -160,13 +149,11 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
 # -----------------------------------------------------------------------------
 # The diffusion process
 
-
 def _randn(shape, device, generator):
     """Standard normal noise; drawn on the generator's device when one is given."""
     if generator is None:
         return torch.randn(shape, device=device)
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
-
 
 class GaussianDiffusion:
     """Training and sampling utilities for one (possibly respaced) schedule.

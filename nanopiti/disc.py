@@ -13,11 +13,11 @@ The GAN loss. The PITI release trains this network as a WGAN-GP critic (Gulrajan
     generator: L_adv = -E[D(fake)]                      (per sample, weighted by 0.01 in eq. 5)
 
 with x_mix a random per-sample mix of real and fake, one critic step per generator step, and
-Adam at lr 1e-5. nanopiti follows it by default (`kind="wgan-gp"`): the generator here is a
+Adam at lr 1e-5. nanopiti follows it by default (`loss="wgan-gp"`): the generator here is a
 pretrained diffusion model that must only be nudged, and the Wasserstein critic gives it a
 gradient that does not vanish when the critic wins (unlike the saturating GAN loss), while the
 gradient penalty keeps the critic 1-Lipschitz so that the nudge stays bounded; the 0.01 weight
-of the release was tuned for the scale of this critic. `kind="hinge"` (Miyato et al. 2018;
+of the release was tuned for the scale of this critic. `loss="hinge"` (Miyato et al. 2018;
 L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))], same generator loss) is offered as a cheaper
 alternative: it needs no second backward pass through the critic.
 """
@@ -27,7 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 GAN_LOSSES = ("wgan-gp", "hinge")
-
 
 class PatchDiscriminator(nn.Module):
     """pix2pix's NLayerDiscriminator: 3 stride-2 layers then 2 stride-1 layers (70x70 patches)."""
@@ -48,21 +47,19 @@ class PatchDiscriminator(nn.Module):
         """x (B, 3, H, W) in [-1, 1] -> (B, 1, h, w) patch scores (higher = more real)."""
         return self.model(x)
 
+def _check(loss):
+    if loss not in GAN_LOSSES:
+        raise ValueError(f"unknown GAN loss {loss!r}; use one of {', '.join(GAN_LOSSES)}")
 
-def _check(kind):
-    if kind not in GAN_LOSSES:
-        raise ValueError(f"unknown GAN loss {kind!r}; use one of {', '.join(GAN_LOSSES)}")
-
-
-def discriminator_loss(disc, real, fake, kind="wgan-gp", mix=None, gp_weight=10.0):
+def discriminator_loss(disc, real, fake, loss="wgan-gp", mix=None, gp_weight=10.0):
     """The critic's loss on one batch (a scalar). `fake` must be detached from the generator.
 
     mix: (B,) numbers in [0, 1] that place x_mix on the line from fake to real (WGAN-GP only);
     the caller draws them from its own generator so that training stays reproducible.
     """
-    _check(kind)
+    _check(loss)
     d_real, d_fake = disc(real), disc(fake)
-    if kind == "hinge":
+    if loss == "hinge":
         return torch.relu(1 - d_real).mean() + torch.relu(1 + d_fake).mean()
     mix = mix.view(-1, 1, 1, 1).to(real)
     x_mix = (fake * (1 - mix) + real * mix).requires_grad_(True)
@@ -70,15 +67,13 @@ def discriminator_loss(disc, real, fake, kind="wgan-gp", mix=None, gp_weight=10.
     penalty = (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
     return d_fake.mean() - d_real.mean() + gp_weight * penalty
 
-
-def generator_loss(disc, fake, kind="wgan-gp"):
+def generator_loss(disc, fake, loss="wgan-gp"):
     """The generator's adversarial loss, per sample (B,): minus the mean patch score of its fakes.
     (The same for both losses: hinge GANs also train the generator on -D(fake).)"""
-    _check(kind)
+    _check(loss)
     return -disc(fake).mean(dim=(1, 2, 3))
 
-
-def critic_step(disc, opt, reals, fakes, kind, mixes, batch_size):
+def critic_step(disc, opt, reals, fakes, loss_name, mixes, batch_size):
     """One step of the critic on this process's micro-batches; returns the summed loss (a tensor).
 
     reals, fakes, mixes: lists of micro-batches (fakes detached from the generator), together
@@ -89,7 +84,7 @@ def critic_step(disc, opt, reals, fakes, kind, mixes, batch_size):
     disc.requires_grad_(True)
     total = 0.0
     for real, fake, mix in zip(reals, fakes, mixes):
-        loss = discriminator_loss(disc, real, fake, kind, mix)
+        loss = discriminator_loss(disc, real, fake, loss_name, mix)
         (loss * len(fake) / batch_size).backward()
         total = total + loss.detach() * len(fake)
     grads = [p.grad for p in disc.parameters()]

@@ -21,10 +21,8 @@ import zipfile
 
 from tqdm import tqdm
 
-
 class DownloadError(Exception):
     """A download that failed or a file that failed its check; printed as one line."""
-
 
 def download(url, dest, md5=None, check=None, chunk_size=1 << 20, timeout=60):
     """Fetch `url` to `dest` with a progress bar, resuming a previous partial `dest`.part.
@@ -78,7 +76,6 @@ def download(url, dest, md5=None, check=None, chunk_size=1 << 20, timeout=60):
                             "download again")
     os.replace(part, dest)
 
-
 def md5_problem(path, name, md5):
     """None if the file's md5 is `md5` (or no md5 is known), else what it is instead."""
     if not md5:
@@ -90,7 +87,6 @@ def md5_problem(path, name, md5):
             digest.update(block)
             bar.update(len(block))
     return None if digest.hexdigest() == md5 else f"md5 {digest.hexdigest()} instead of {md5}"
-
 
 def archive_problem(path, name):
     """None if the file at `path` (an archive called `name`) is intact, else why not."""
@@ -106,7 +102,6 @@ def archive_problem(path, name):
         return f"{type(e).__name__}: {e}"
     return None
 
-
 def unpack(archive, target):
     """Extract a .zip or .tar(.gz) archive into `target`, with a progress bar."""
     if archive.endswith(".zip"):
@@ -118,10 +113,7 @@ def unpack(archive, target):
             for member in tqdm(t, desc="untar " + os.path.basename(archive)):
                 t.extract(member, target, filter="data")
 
-
-# ---------------------------------------------------------------------------------------------
-# Pretrained weights
-# ---------------------------------------------------------------------------------------------
+# --- Pretrained weights ---
 
 def _glide_problem(super_res):
     def check(path):
@@ -136,7 +128,6 @@ def _glide_problem(super_res):
         return None
     return check
 
-
 def _vgg_problem(path):
     from nanopiti.perceptual import PerceptualError, VGGPerceptual
     try:
@@ -145,7 +136,6 @@ def _vgg_problem(path):
         return str(e)
     return None
 
-
 def _hed_problem(path):
     from nanopiti.hed import HEDError, load_hed
     try:
@@ -153,7 +143,6 @@ def _hed_problem(path):
     except HEDError as e:
         return str(e)
     return None
-
 
 # name -> (url, file name, what it is for, check)
 WEIGHTS = {
@@ -167,7 +156,6 @@ WEIGHTS = {
             "HED edges for sketches: prepare_data.py --data coco-sketch --hed-weights", _hed_problem),
 }
 
-
 def fetch_weights(name, out):
     """Download (or find already downloaded) the weights `name` into folder `out`; return the path."""
     url, filename, _, check = WEIGHTS[name]
@@ -178,7 +166,6 @@ def fetch_weights(name, out):
     os.makedirs(out, exist_ok=True)
     download(url, path, check=check)
     return path
-
 
 def main(argv=None):
     listing = "\n".join(f"  {name:<15} {entry[2]}" for name, entry in WEIGHTS.items())
@@ -195,7 +182,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@
   embeddings, transformer, final LayerNorm) for text-conditioned pretraining; the last token's
   output is the pooled latent.
 
-Both return (pooled (B, W), tokens (B, W, L)), the `cond` argument of `nanopiti.unet.UNet`.
+Both return (pooled (B, W), tokens (B, W, L)), the encoder's output that `nanopiti.unet.UNet` takes.
 """
 
 import torch
@@ -19,13 +19,11 @@ import torch.nn as nn
 
 from .ops import attention
 
-
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in fp32 whatever the input dtype, as GLIDE does."""
 
     def forward(self, x):
         return super().forward(x.float()).to(x.dtype)
-
 
 class MultiheadAttention(nn.Module):
     def __init__(self, width, heads):
@@ -42,7 +40,6 @@ class MultiheadAttention(nn.Module):
         h = attention(q, k, v).transpose(1, 2).reshape(b, n, w)
         return self.c_proj(h)
 
-
 class MLP(nn.Module):
     def __init__(self, width):
         super().__init__()
@@ -52,7 +49,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))
-
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
@@ -66,7 +62,6 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
-
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
@@ -76,7 +71,6 @@ class Transformer(nn.Module):
         for block in self.resblocks:
             x = block(x)
         return x
-
 
 class ConditionCNN(nn.Module):
     """7x7 conv then four stride-2 3x3 convs (InstanceNorm + LeakyReLU), then a 3x3 conv: 256 -> 16.
@@ -97,7 +91,6 @@ class ConditionCNN(nn.Module):
             x = self.act(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)))
         return self.conv6(x)
 
-
 class ConditionEncoder(nn.Module):
     """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm."""
 
@@ -110,15 +103,14 @@ class ConditionEncoder(nn.Module):
         tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input
         self.positional_embedding = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.01)
 
-    def forward(self, ref):
-        x = self.cnn(ref).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
+    def forward(self, cond):
+        x = self.cnn(cond).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
         x = x + self.positional_embedding[:, 1:]
         # PITI appends the cls token at the end (with position 0), so it plays the role of
         # GLIDE's last text token, whose output is the pooled latent.
         cls = (self.cls_token + self.positional_embedding[:, :1]).expand(x.shape[0], -1, -1)
         x = self.final_ln(self.transformer(torch.cat([x, cls], dim=1)))
         return x[:, -1], x[:, :-1].transpose(1, 2)
-
 
 def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257,
                      final_ln=True, padding=True):
@@ -131,13 +123,12 @@ def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_voca
     module.positional_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01)
     module.padding_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01) if padding else None
 
-
-def encode_text(module, tokens, mask):
-    """Run the text encoder attached by `add_text_encoder`. tokens (B, text_ctx) int, mask
+def encode_text(module, text, text_mask):
+    """Run the text encoder attached by `add_text_encoder`. text (B, text_ctx) token ids, text_mask
     (B, text_ctx) bool, False at padding. The last token's output is the pooled latent."""
-    x = module.token_embedding(tokens.long()) + module.positional_embedding[None]
+    x = module.token_embedding(text.long()) + module.positional_embedding[None]
     if module.padding_embedding is not None:
-        x = torch.where(mask[..., None], x, module.padding_embedding[None])
+        x = torch.where(text_mask[..., None], x, module.padding_embedding[None])
     x = module.transformer(x)
     if module.final_ln is not None:
         x = module.final_ln(x)

@@ -28,17 +28,14 @@ HED_THRESHOLD = 0.6  # PITI's preprocess_sketch.py: sketch = (hed > 0.6)
 BGR_MEAN = (104.00698793, 116.66876762, 122.67891434)
 _STAGE_NAMES = ("One", "Two", "Thr", "Fou", "Fiv")
 
-
 class HEDError(Exception):
     """A HED weights file that cannot be read or does not fit the network."""
-
 
 def _vgg_stage(c_in, c_out, n_convs, pool):
     layers = [nn.MaxPool2d(kernel_size=2, stride=2)] if pool else []
     for i in range(n_convs):
         layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.ReLU()]
     return nn.Sequential(*layers)
-
 
 class HED(nn.Module):
     """VGG16 trunk + 5 side outputs + learned fusion; returns edge probabilities in [0, 1]."""
@@ -60,7 +57,6 @@ class HED(nn.Module):
             sides.append(F.interpolate(score(x), size=rgb.shape[2:], mode="bilinear", align_corners=False))
         return torch.sigmoid(self.combine(torch.cat(sides, dim=1)))
 
-
 def convert_hed_state_dict(published):
     """Rename the keys of sniklaus/pytorch-hed's file to this module's names."""
     converted = {}
@@ -79,7 +75,6 @@ def convert_hed_state_dict(published):
             rest = "combine." + rest[len("Combine.0."):]
         converted[rest] = value
     return converted
-
 
 def load_hed(path, device="cpu"):
     """Build HED and load the published weights file (or a state dict saved from this module)."""
@@ -103,14 +98,12 @@ def load_hed(path, device="cpu"):
     model.load_state_dict(converted)
     return model.to(device).eval()
 
-
 @torch.no_grad()
 def hed_sketch(model, rgb, threshold=HED_THRESHOLD):
     """HxWx3 uint8 numpy image -> HxW bool sketch (True = edge), as PITI binarizes HED."""
     device = next(model.parameters()).device
     x = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(device).permute(2, 0, 1)[None] / 255.0
     return (model(x)[0, 0] > threshold).cpu().numpy()
-
 
 def _gaussian_blur(x, sigma):
     radius = max(1, int(round(3 * sigma)))
@@ -119,7 +112,6 @@ def _gaussian_blur(x, sigma):
     k = k / k.sum()
     x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
-
 
 @torch.no_grad()
 def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
@@ -156,7 +148,6 @@ def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
     thin = mag * keep
 
     return hysteresis((thin >= high).numpy(), (thin >= low).numpy())
-
 
 def hysteresis(strong, weak):
     """Keep the 8-connected components of `weak` that contain a `strong` pixel.

@@ -1,9 +1,9 @@
 """The two models and the checkpoint loader.
 
 * `GlideText`: GLIDE's text-conditioned UNet (base 64x64 or the 64->256 upsampler), the
-  pretrained prior of the paper (section 3.2). `model(x_t, t, tokens=..., mask=..., low_res=...)`.
+  pretrained prior of the paper (section 3.2). `model(x_t, t, text=..., text_mask=..., low_res=...)`.
 * `PITI`: `encoder` (the task's ConditionEncoder) + `decoder` (the GLIDE UNet with its
-  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, ref=..., low_res=...)`.
+  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, cond=..., low_res=...)`.
 * `load_model(path_or_state_dict)`: recognises a GLIDE or PITI checkpoint (released or nanopiti's)
   from its keys and shapes, builds the model with the right hyper-parameters, loads the weights
   strictly and returns it in eval mode.
@@ -16,17 +16,14 @@ import os
 import torch
 import torch.nn as nn
 
+from .conditions import TASK_CHANNELS
 from .encoder import ConditionEncoder, add_text_encoder, encode_text
 from .unet import UNet
 
-TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # condition channels of each task
-UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels",
-             "dropout", "use_scale_shift_norm")
-
+UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels")
 
 class ModelError(ValueError):
     """A file or state dict that is not the model it should be; the message says what and why."""
-
 
 class GlideText(UNet):
     """GLIDE's Text2ImUNet / SuperResText2ImUNet: the UNet with GLIDE's text encoder beside it."""
@@ -39,12 +36,11 @@ class GlideText(UNet):
                          config["n_vocab"], config["xf_final_ln"], config["xf_padding"])
         self.config = dict(config)
 
-    def encode(self, tokens, mask):
-        return encode_text(self, tokens, mask)
+    def encode(self, text, text_mask):
+        return encode_text(self, text, text_mask)
 
-    def forward(self, x, timesteps, tokens=None, mask=None, low_res=None):
-        return super().forward(x, timesteps, self.encode(tokens, mask), low_res)
-
+    def forward(self, x, timesteps, text=None, text_mask=None, low_res=None):
+        return super().forward(x, timesteps, *self.encode(text, text_mask), low_res)
 
 class PITI(nn.Module):
     """PITI's Text2ImModel / SuperResText2ImModel: task encoder E_i + pretrained decoder D."""
@@ -59,12 +55,11 @@ class PITI(nn.Module):
                             encoder_channels=width, cond_dim=width, **unet)
         self.config = dict(config)
 
-    def encode(self, ref):
-        return self.encoder(ref)
+    def encode(self, cond):
+        return self.encoder(cond)
 
-    def forward(self, x, timesteps, ref=None, low_res=None):
-        return self.decoder(x, timesteps, self.encode(ref), low_res)
-
+    def forward(self, x, timesteps, cond=None, low_res=None):
+        return self.decoder(x, timesteps, *self.encode(cond), low_res)
 
 def base_config(kind="piti", super_res=False, task="mask"):
     """The hyper-parameters of the released full-size models (GLIDE base.pt/upsample.pt and PITI's
@@ -73,8 +68,7 @@ def base_config(kind="piti", super_res=False, task="mask"):
         kind=kind, super_res=super_res, image_size=256 if super_res else 64, model_channels=192,
         num_res_blocks=2 if super_res else 3, channel_mult=[1, 1, 2, 2, 4, 4] if super_res else [1, 2, 3, 4],
         attention_ds=[8, 16, 32] if super_res else [2, 4, 8],  # attention at 32, 16 and 8
-        num_head_channels=64, dropout=0.0, use_scale_shift_norm=True,
-        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        num_head_channels=64, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
                       n_vocab=50257)
@@ -82,7 +76,6 @@ def base_config(kind="piti", super_res=False, task="mask"):
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=512, encoder_layers=8,
                       encoder_heads=8, cond_size=256)
     return config
-
 
 def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     """The toy world's models: the same architecture, small enough to train on a laptop CPU.
@@ -92,7 +85,7 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
-        dropout=0.0, use_scale_shift_norm=True, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,
                       n_vocab=n_vocab)
@@ -101,14 +94,12 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
                       encoder_heads=2, cond_size=128)
     return config
 
-
 def build_model(config):
     if config.get("kind") == "glide":
         return GlideText(config)
     if config.get("kind") == "piti":
         return PITI(config)
     raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
-
 
 def infer_config(state_dict, hints=None):
     """Read a model's hyper-parameters off its state dict's keys and shapes.
@@ -144,7 +135,7 @@ def infer_config(state_dict, hints=None):
         if f"{p}input_blocks.{first}.1.qkv.weight" in state_dict:
             attention_ds.append(2 ** level)
     config = dict(kind=kind, super_res=bool(super_res), model_channels=int(mc), num_res_blocks=per_level - 1,
-                  channel_mult=mult, attention_ds=attention_ds, dropout=0.0, use_scale_shift_norm=True,
+                  channel_mult=mult, attention_ds=attention_ds,
                   num_head_channels=hints.get("num_head_channels", 64),
                   image_size=hints.get("image_size", 256 if super_res else 64),
                   noise_schedule="linear" if super_res else "squaredcos_cap_v2")
@@ -165,7 +156,6 @@ def infer_config(state_dict, hints=None):
                       cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5))
     return config
 
-
 def _read(path):
     if not os.path.isfile(path):
         raise ModelError(f"{path}: no such checkpoint file")
@@ -173,7 +163,6 @@ def _read(path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many kinds here; all mean "not a checkpoint we can read"
         raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__})") from None
-
 
 def _load_strict(model, state_dict, name):
     model_sd = model.state_dict()
@@ -186,7 +175,6 @@ def _load_strict(model, state_dict, name):
                  for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)) if keys]
         raise ModelError(f"{name}: weights do not fit the {model.config['kind']} model; " + "; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
-
 
 def load_model(path_or_state_dict, use_ema=True, config=None):
     """Build and load a GLIDE or PITI model, in eval mode, fp32, on the CPU.

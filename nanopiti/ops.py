@@ -21,13 +21,11 @@ try:  # the kernels need Triton; without it everything runs on the PyTorch path
 except ImportError:  # pragma: no cover - depends on the installation
     _kernels = None
 
-
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast precisions
 KERNEL_HEAD_DIMS = (32, 64, 128)  # what the flash-attention kernel is compiled for
-
 
 def use_kernels(t: torch.Tensor) -> bool:
     return _kernels is not None and _kernels.kernels_available(t)
-
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q (B, H, Lq, D), k and v (B, H, Lk, D) -> (B, H, Lq, D)."""
@@ -39,7 +37,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     weight = torch.einsum("bhtd,bhsd->bhts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
     return torch.einsum("bhts,bhsd->bhtd", weight, v)
-
 
 def group_norm_act(x, norm, scale=None, shift=None, silu=True):
     """GroupNorm `norm` (an nn.GroupNorm) on x (B, C, ...), then FiLM with scale/shift (B, C), then SiLU."""

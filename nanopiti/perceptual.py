@@ -28,10 +28,8 @@ LAYERS = {"conv2_2": 8, "conv5_4": 35}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
 class PerceptualError(ValueError):
     """VGG weights that are missing or do not fit."""
-
 
 def vgg19_features(depth=None):
     """The first `depth` modules of torchvision's vgg19().features (all 37 by default)."""
@@ -43,7 +41,6 @@ def vgg19_features(depth=None):
             layers += [nn.Conv2d(in_ch, v, 3, padding=1), nn.ReLU(inplace=True)]
             in_ch = v
     return nn.Sequential(*layers[:depth])
-
 
 class VGGPerceptual(nn.Module):
     """Per-sample perceptual loss between images in [-1, 1]; frozen, always in eval mode.

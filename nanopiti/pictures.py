@@ -11,41 +11,34 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-
 def _levels(x):
     """[-1, 1] -> the 8-bit levels 0..255 (rounded, clamped), still a float tensor."""
     return ((x.float() + 1) * 127.5).round().clamp(0, 255)
 
-
 def to_uint8(x):
     """B x C x H x W in [-1, 1] -> B x H x W x C uint8."""
     return _levels(x).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
 
 def quantize(x):
     """[-1, 1] -> the nearest of the 256 values an 8-bit picture can hold, still in [-1, 1]: what a
     picture saved to a file and read back holds (the upsampler was trained on such pictures)."""
     return _levels(x) / 127.5 - 1
 
-
 def as_rgb(x):
     """B x C x H x W -> B x 3 x H x W: the first three channels (for depth + normal: the normal),
     or a single channel repeated."""
     return x[:, :3] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-
 
 def condition_picture(cond, size):
     """One C x H x W condition as a size x size RGB picture (nearest neighbour: labels stay labels)."""
     picture = Image.fromarray(to_uint8(as_rgb(cond[None]))[0])
     return np.asarray(picture.resize((size, size), Image.NEAREST))
 
-
 def grid_row(pictures, gap=2):
     """H x W x 3 pictures of one height side by side, separated by white columns."""
     space = np.full((pictures[0].shape[0], gap, 3), 255, np.uint8)
     parts = [p for pic in pictures for p in (pic, space)][:-1]
     return np.concatenate(parts, axis=1)
-
 
 def save_grid(columns, path, size=None):
     """Save one row per example, one cell per column: each column is an N x C x H x W tensor in

@@ -9,8 +9,7 @@ are seen more often, and weights each sample by 1 / (T p_t) to keep the loss est
 import numpy as np
 import torch
 
-
-class LossAwareSampler:
+class LossAwareTimesteps:
     """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]).
 
     Until every timestep has `history_per_term` recorded losses the sampling is

@@ -20,14 +20,12 @@ from torch.utils.checkpoint import checkpoint
 
 from .ops import attention, group_norm_act
 
-
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps: [cos(t f_i), sin(t f_i)]."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm over 32 groups, computed in fp32, with the following FiLM and SiLU fused in."""
@@ -39,31 +37,28 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x, scale=None, shift=None):
         return group_norm_act(x, self, scale, shift, self.silu)
 
-
 class ResBlock(nn.Module):
-    """norm-SiLU-conv, then norm with the timestep/condition FiLM, SiLU, dropout, conv; plus skip.
+    """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip.
 
     With `up`/`down` the block also resamples (nearest x2 / average-pool /2) between the first
     norm and the first conv, on both the residual and the skip path (GLIDE's resblock_updown).
     """
 
-    def __init__(self, channels, emb_channels, dropout, out_channels=None,
-                 use_scale_shift_norm=True, up=False, down=False):
+    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False):
         super().__init__()
         out_channels = out_channels or channels
-        self.use_scale_shift_norm = use_scale_shift_norm
         # Module indices are kept as in GLIDE (in_layers.0/.2, out_layers.0/.3) so that the
-        # checkpoints load; the SiLUs are fused into the norms, their slots hold Identity.
+        # checkpoints load; the SiLUs are fused into the norms and every released model has
+        # dropout 0, so their slots hold Identity.
         self.in_layers = nn.Sequential(GroupNorm32(channels, silu=True), nn.Identity(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))  # scale and shift
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
         self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(),
-                                        nn.Dropout(dropout), out_conv)
+                                        nn.Identity(), out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
@@ -76,15 +71,9 @@ class ResBlock(nn.Module):
         if self.updown is not None:
             h, x = self.resample(h), self.resample(x)
         h = self.in_layers[2](h)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        if self.use_scale_shift_norm:
-            scale, shift = emb_out.chunk(2, dim=1)
-            h = self.out_layers[0](h, scale, shift)
-        else:
-            h = self.out_layers[0](h + emb_out[..., None, None])
-        h = self.out_layers[3](self.out_layers[2](h))
+        scale, shift = self.emb_layers(emb).type(h.dtype).chunk(2, dim=1)
+        h = self.out_layers[3](self.out_layers[0](h, scale, shift))
         return self.skip_connection(x) + h
-
 
 class AttentionBlock(nn.Module):
     """Self-attention over the image tokens, with the condition tokens prepended to keys and values.
@@ -103,35 +92,33 @@ class AttentionBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x, cond_tokens=None):
+    def forward(self, x, tokens=None):
         b, c, *spatial = x.shape
         heads, d = self.num_heads, c // self.num_heads
         qkv = self.qkv(self.norm(x).view(b, c, -1))  # (B, 3C, L)
         q, k, v = qkv.view(b, heads, 3 * d, -1).split(d, dim=2)  # each (B, H, D, L)
-        if self.encoder_kv is not None and cond_tokens is not None:
-            ek, ev = self.encoder_kv(cond_tokens).view(b, heads, 2 * d, -1).split(d, dim=2)
+        if self.encoder_kv is not None and tokens is not None:
+            ek, ev = self.encoder_kv(tokens).view(b, heads, 2 * d, -1).split(d, dim=2)
             k, v = torch.cat([ek, k], dim=-1), torch.cat([ev, v], dim=-1)
         h = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))  # (B, H, L, D)
         h = h.transpose(-1, -2).reshape(b, c, -1)
         return x + self.proj_out(h).view(b, c, *spatial)
 
-
 class TimestepSequential(nn.Sequential):
     """A sequence of layers, each given what it needs: ResBlocks the embedding, attention the tokens."""
 
-    def forward(self, h, emb, cond_tokens):
+    def forward(self, h, emb, tokens):
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
             elif isinstance(layer, AttentionBlock):
-                h = layer(h, cond_tokens)
+                h = layer(h, tokens)
             else:
                 h = layer(h)
         return h
 
-
 class UNet(nn.Module):
-    """GLIDE's UNetModel (use_scale_shift_norm and resblock_updown as in every released model).
+    """GLIDE's UNetModel with use_scale_shift_norm, resblock_updown and dropout 0, as every released model.
 
     attention_ds: the downsampling factors at which attention blocks sit (e.g. (2, 4, 8) for
     attention at 32, 16, 8 in a 64x64 model). cond_dim: width of the pooled condition token that
@@ -141,9 +128,8 @@ class UNet(nn.Module):
     """
 
     def __init__(self, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
-                 attention_ds=(2, 4, 8), dropout=0.0, channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 use_scale_shift_norm=True, encoder_channels=None, cond_dim=None, super_res=False,
-                 grad_checkpointing=False):
+                 attention_ds=(2, 4, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
+                 encoder_channels=None, cond_dim=None, super_res=False, grad_checkpointing=False):
         super().__init__()
         self.model_channels, self.super_res = model_channels, super_res
         self.grad_checkpointing = grad_checkpointing
@@ -151,7 +137,7 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, **kw)
+            return ResBlock(ch_in, emb_dim, ch_out, **kw)
 
         def attn(ch):
             return AttentionBlock(ch, num_head_channels, encoder_channels)
@@ -190,27 +176,25 @@ class UNet(nn.Module):
         if cond_dim is not None:
             self.transformer_proj = nn.Linear(cond_dim, emb_dim)
 
-    def _run(self, block, h, emb, cond_tokens):
+    def _run(self, block, h, emb, tokens):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, cond_tokens, use_reentrant=False)
-        return block(h, emb, cond_tokens)
+            return checkpoint(block, h, emb, tokens, use_reentrant=False)
+        return block(h, emb, tokens)
 
-    def forward(self, x, timesteps, cond=None, low_res=None):
-        """x (B, 3, H, W) noisy image, timesteps (B,) as the network sees them, cond = (pooled
-        (B, W), tokens (B, W, L)) from an encoder or None, low_res (B, 3, h, w) for super-res."""
+    def forward(self, x, timesteps, pooled=None, tokens=None, low_res=None):
+        """x (B, 3, H, W) noisy image, timesteps (B,) as the network sees them, the encoder's output
+        pooled (B, W) and tokens (B, W, L) (None: no condition), low_res (B, 3, h, w) for super-res."""
         if self.super_res:
             upsampled = F.interpolate(low_res, x.shape[-2:], mode="bilinear", align_corners=False)
             x = torch.cat([x, upsampled], dim=1)
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        cond_tokens = None
-        if cond is not None:
-            pooled, cond_tokens = cond
+        if pooled is not None:
             emb = emb + self.transformer_proj(pooled).to(emb)
         h, skips = x, []
         for block in self.input_blocks:
-            h = self._run(block, h, emb, cond_tokens)
+            h = self._run(block, h, emb, tokens)
             skips.append(h)
-        h = self._run(self.middle_block, h, emb, cond_tokens)
+        h = self._run(self.middle_block, h, emb, tokens)
         for block in self.output_blocks:
-            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, cond_tokens)
+            h = self._run(block, torch.cat([h, skips.pop()], dim=1), emb, tokens)
         return self.out[2](self.out[0](h))

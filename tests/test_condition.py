@@ -1,15 +1,15 @@
-"""The condition measure (nanopiti.evaluate.condition_use): does a model listen to its condition?"""
+"""The condition measure (nanopiti.guidance.condition_use): does a model listen to its condition?"""
 
 import pytest
 import torch
 
 from nanopiti import build_model, toy_config
 from nanopiti.diffusion import model_diffusion
-from nanopiti.evaluate import EvaluateError, condition_use
+from nanopiti.guidance import GuidanceError, condition_use
 
 
 class Oracle(torch.nn.Module):
-    """Knows x0 from its condition (ref = x0 plus a little noise), so it predicts the noise of x_t
+    """Knows x0 from its condition (cond = x0 plus a little noise), so it predicts the noise of x_t
     almost exactly from the right condition and badly from another one: a model that listens."""
 
     def __init__(self):
@@ -17,9 +17,9 @@ class Oracle(torch.nn.Module):
         self.config = {"noise_schedule": "squaredcos_cap_v2"}
         self.diffusion = model_diffusion(self.config["noise_schedule"])
 
-    def forward(self, x_t, t, ref=None):
+    def forward(self, x_t, t, cond=None):
         abar = self.diffusion.alphas_cumprod.float()[t.long()].view(-1, 1, 1, 1)  # t: the 0..999 steps, as floats
-        eps = (x_t - abar.sqrt() * ref) / (1 - abar).sqrt()
+        eps = (x_t - abar.sqrt() * cond) / (1 - abar).sqrt()
         return torch.cat([eps, torch.zeros_like(eps)], 1)
 
 
@@ -31,8 +31,8 @@ def scenes(n=6, size=32, seed=0):
 
 def test_oracle_listens():
     x0, g = scenes()
-    ref = x0 + 0.01 * torch.randn(x0.shape, generator=g)
-    use = condition_use(Oracle(), x0, {"ref": ref}, {"ref": torch.ones_like(ref)})
+    cond_picture = x0 + 0.01 * torch.randn(x0.shape, generator=g)
+    use = condition_use(Oracle(), x0, {"cond": cond_picture}, {"cond": torch.ones_like(cond_picture)})
     assert sorted(use) == [300, 500, 700]
     for t, v in use.items():
         assert v["right"] < 1e-2 < v["wrong"], (t, v)
@@ -51,19 +51,19 @@ def test_model_that_ignores_its_condition():
             elif "out.2" in name:  # the zero-initialized output conv: give the model an output
                 p.normal_(0, 0.1)
     x0, g = scenes(4)
-    ref = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
-    use = condition_use(model, x0, {"ref": ref}, {"ref": torch.ones_like(ref)}, timesteps=(500,))
+    cond_picture = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
+    use = condition_use(model, x0, {"cond": cond_picture}, {"cond": torch.ones_like(cond_picture)}, timesteps=(500,))
     assert use[500]["ratio"] == 1.0 and use[500]["right"] == use[500]["wrong"] == use[500]["null"] > 0
 
 
 def test_upsampler_keeps_its_low_res_and_needs_two_samples():
     class LowResOnly(Oracle):  # reads only low_res: swapping conditions must not change it
-        def forward(self, x_t, t, ref=None, low_res=None):
-            return super().forward(x_t, t, ref=low_res)
+        def forward(self, x_t, t, cond=None, low_res=None):
+            return super().forward(x_t, t, cond=low_res)
 
     x0, g = scenes()
-    cond = {"ref": torch.randn(x0.shape, generator=g), "low_res": x0 + 0.1 * torch.randn(x0.shape, generator=g)}
-    use = condition_use(LowResOnly(), x0, cond, {"ref": torch.ones_like(x0)}, timesteps=(500,))
+    kwargs = {"cond": torch.randn(x0.shape, generator=g), "low_res": x0 + 0.1 * torch.randn(x0.shape, generator=g)}
+    use = condition_use(LowResOnly(), x0, kwargs, {"cond": torch.ones_like(x0)}, timesteps=(500,))
     assert use[500]["ratio"] == 1.0 and use[500]["null"] == use[500]["right"]
-    with pytest.raises(EvaluateError, match="at least two"):
-        condition_use(Oracle(), x0[:1], {"ref": x0[:1]}, {"ref": x0[:1]})
+    with pytest.raises(GuidanceError, match="at least two"):
+        condition_use(Oracle(), x0[:1], {"cond": x0[:1]}, {"cond": x0[:1]})

@@ -11,10 +11,10 @@ from PIL import Image
 from nanopiti.colormap import color_to_labels, label_colormap, labels_to_color
 from nanopiti.conditions import (binarize_sketch, encode_depth, encode_normal, jet_lut,
                                  l1_distance_transform, normals_from_depth, sketch_to_condition)
-from nanopiti.data import (DataError, PairedDataset, ToyDataset, collate_skip_none, label_image_to_color,
-                           load_condition_image)
+from nanopiti.data import DataError, PairedDataset, collate_skip_none, label_image_to_color, load_condition_image
 from nanopiti.hed import HED, HEDError, hysteresis, canny_edges, convert_hed_state_dict, load_hed
-from nanopiti.toy import render_scene
+from toyworld.data import ToyDataset
+from toyworld.world import render_scene
 
 def test_coco_colormap_equals_reference_and_round_trips(golden):
     reference = np.array(golden.json("label_colormap_182.json")["colors"], dtype=np.uint8)
@@ -221,16 +221,6 @@ def test_augmentation_is_deterministic_and_worker_independent(tmp_path):
             seen[i] = a[i]["cond"]
     assert sorted(seen) == [0, 1, 2, 3]
     assert all(torch.equal(seen[i], single["cond"][i]) for i in range(4))
-
-
-def test_uncond_p_gives_the_null_condition(tmp_path):
-    rng = np.random.default_rng(5)
-    (tmp_path / "list.txt").write_text("\n".join(_write_pairs(tmp_path, rng, n=2)) + "\n")
-    ds = PairedDataset(str(tmp_path / "list.txt"), "mask", uncond_p=1.0)
-    assert (ds[0]["cond"] == 1).all() and not (ds[0]["image"] == 1).all()
-    ds = PairedDataset(str(tmp_path / "list.txt"), "mask", uncond_p=0.5)
-    null = [bool((ds[i % 2]["cond"] == 1).all()) for ds.epoch in range(40) for i in range(2)]
-    assert 0.25 < np.mean(null) < 0.75
 
 
 def test_toy_dataset_conditions_match_the_scene():

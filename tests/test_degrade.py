@@ -3,7 +3,7 @@ import pytest
 
 from nanopiti.degrade import (DegradeError, anisotropic_gaussian_kernel, degrade_bsr, degrade_for_upsampler,
                               downsample_nearest, filter2d, isotropic_gaussian_kernel, jpeg, l0_smooth, resize)
-from nanopiti.toy import render_scene
+from toyworld.world import render_scene
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,7 @@ from test_sample import save_checkpoint, toy_mask
 import demo
 import sample
 from nanopiti.colormap import COCO_STUFF_CLASSES, NUM_COCO_CLASSES
-from nanopiti.evaluate import HELDOUT_SEED0
-from nanopiti.toy import TOY_COLORS, render_scene
+from toyworld.world import HELDOUT_SEED0, TOY_COLORS, render_scene
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +88,7 @@ def test_info_listens_on_loopback_and_names_the_classes(mask_server):
 
 
 def test_generate_equals_sample_py_and_reports_progress(mask_server, files, tmp_path, capsys):
-    settings = {"steps": 4, "num": 2, "seed": 3, "guidance": 1.5, "kind": "cf"}
+    settings = {"steps": 4, "num": 2, "seed": 3, "w": 1.5, "guidance": "cf"}
     request = {"condition": "data:image/png;base64," + base64.b64encode(files["mask"].read_bytes()).decode(),
                "job": "job-1", **settings}
     status, answer = mask_server.call("/api/generate", request)
@@ -100,7 +99,7 @@ def test_generate_equals_sample_py_and_reports_progress(mask_server, files, tmp_
     assert not np.array_equal(up[0], up[1])  # two samples, not one twice
     # the same pictures as the command line, byte for byte: one pipeline
     cli = ["--ckpt", files["base"], "--sr-ckpt", files["up"], "--cond", str(files["mask"]), "--steps", "4",
-           "--num", "2", "--seed", "3", "--guidance", "1.5", "--guidance-kind", "cf", "--device", "cpu"]
+           "--num", "2", "--seed", "3", "--w", "1.5", "--guidance", "cf", "--device", "cpu"]
     assert sample.main(cli + ["--out", str(tmp_path / "up")]) == 0
     assert sample.main(cli + ["--base-only", "--out", str(tmp_path / "base")]) == 0
     capsys.readouterr()
@@ -180,9 +179,9 @@ BAD = [
     ("/api/generate", {"condition": "x", "num": 0}, "num must be"),
     ("/api/generate", {"condition": "x", "seed": -1}, "seed must be"),
     ("/api/generate", {"condition": "x", "seed": True}, "seed must be"),
-    ("/api/generate", {"condition": "x", "guidance": "lots"}, "guidance w must be a number from 0 to 20"),
-    ("/api/generate", {"condition": "x", "guidance": 21}, "guidance w must be"),
-    ("/api/generate", {"condition": "x", "kind": "strong"}, "guidance kind must be one of cf, ncf, none"),
+    ("/api/generate", {"condition": "x", "w": "lots"}, "guidance strength w must be a number from 0 to 20"),
+    ("/api/generate", {"condition": "x", "w": 21}, "guidance strength w must be"),
+    ("/api/generate", {"condition": "x", "guidance": "strong"}, "guidance must be one of ncf, cf, none"),
     ("/api/toy-scene?index=-3", None, "index must be a whole number"),
     ("/api/toy-scene?index=1000000", None, "index must be a whole number"),
 ]

@@ -10,7 +10,7 @@ from nanopiti.diffusion import (
     get_named_beta_schedule,
     space_timesteps,
 )
-from nanopiti.timesteps import LossAwareSampler
+from nanopiti.timesteps import LossAwareTimesteps
 
 @pytest.fixture(scope="module")
 def ref(golden):
@@ -207,19 +207,19 @@ def test_uniform_timesteps():
     assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 249 and len(a.unique()) > 200
 
 
-def test_loss_aware_sampler():
-    sampler = LossAwareSampler(4, history_per_term=2, uniform_prob=0.0)
-    t, w = sampler.sample(8, "cpu", torch.Generator().manual_seed(0))
+def test_loss_aware_timesteps():
+    timesteps = LossAwareTimesteps(4, history_per_term=2, uniform_prob=0.0)
+    t, w = timesteps.sample(8, "cpu", torch.Generator().manual_seed(0))
     assert torch.equal(w, torch.ones(8))  # uniform until warmed up
-    sampler.update([0, 0, 1, 1, 2, 2, 3], [3.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    assert np.allclose(sampler.weights(), 1.0)  # timestep 3 still has one loss only
-    sampler.update(torch.tensor([3]), torch.tensor([1.0]))
+    timesteps.update([0, 0, 1, 1, 2, 2, 3], [3.0, 4.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert np.allclose(timesteps.weights(), 1.0)  # timestep 3 still has one loss only
+    timesteps.update(torch.tensor([3]), torch.tensor([1.0]))
     expected = np.array([np.sqrt(12.5), 1.0, 1.0, 1.0])
-    np.testing.assert_allclose(sampler.weights(), expected / expected.sum())
-    t, w = sampler.sample(4000, "cpu", torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(timesteps.weights(), expected / expected.sum())
+    t, w = timesteps.sample(4000, "cpu", torch.Generator().manual_seed(0))
     p = expected / expected.sum()
     torch.testing.assert_close(w, torch.tensor(1 / (4 * p[t.numpy()]), dtype=torch.float32))
     assert abs((t == 0).float().mean().item() - p[0]) < 0.03
     # A full history shifts out the oldest loss.
-    sampler.update([0], [0.0])
-    assert sampler._history[0].tolist() == [4.0, 0.0]
+    timesteps.update([0], [0.0])
+    assert timesteps._history[0].tolist() == [4.0, 0.0]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanopiti.evaluate import (HELDOUT_SEED0, EvaluateError, evaluate_samples, features, frechet_distance,
+from toyworld.judge import (EvaluateError, evaluate_samples, features, frechet_distance,
                                frechet_distance_from_stats, get_segmenter, heldout_miou, high_frequency_energy,
                                labels_from_colors, load_segmenter, miou, saturation, save_segmenter, segment,
                                to_model_input, toy_batch, train_segmenter)
-from nanopiti.toy import TOY_COLORS, label_to_color
+from toyworld.world import HELDOUT_SEED0, TOY_COLORS, label_to_color
 
 # The small segmenter of the test: 32 x 32 renders, width 16 (the full one: see .notes/toy.md).
 SMALL = dict(num_images=300, size=32, steps=300, width=16, batch_size=16, lr=1e-2, seed=0)

@@ -25,11 +25,11 @@ import train
 from nanopiti.checkpoint import export_weights, load_checkpoint
 from nanopiti.colormap import color_to_labels, labels_to_color
 from nanopiti.data import label_image_to_color, load_condition_image
-from nanopiti.toy import TOY_COLORS
+from toyworld.world import TOY_COLORS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--stage", "2", "--init", "scratch", "--data", "toy", "--batch-size", "2", "--workers", "0",
-        "--sample-every", "0", "--log-every", "100", "--schedule-sampler", "loss-aware"]
+        "--sample-every", "0", "--log-every", "100", "--timesteps", "loss-aware"]
 
 
 # --- helpers ---
@@ -58,14 +58,14 @@ def records(out):
 
 
 def same_run(a, b):
-    """Checkpoints of two runs hold the same step, weights, EMA, optimizer and sampler state."""
+    """Checkpoints of two runs hold the same step, weights, EMA, optimizer and timestep-sampling state."""
     a, b = load_checkpoint(os.path.join(a, "latest.pt")), load_checkpoint(os.path.join(b, "latest.pt"))
     assert a["step"] == b["step"]
     for part in ("model", "ema"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
-    assert torch.equal(a["sampler"]["history"], b["sampler"]["history"])
+    assert torch.equal(a["timesteps"]["history"], b["timesteps"]["history"])
 
 
 def sample_error(capsys, *argv):
@@ -285,8 +285,8 @@ def coco_mask(path, classes):
 
 
 @pytest.mark.parametrize("case, expected", [
-    ("nan", "--guidance nan: must be a number >= 0"),
-    ("inf", "--guidance inf: must be a number >= 0"),
+    ("nan", "--w nan: must be a number >= 0"),
+    ("inf", "--w inf: must be a number >= 0"),
     ("unwritable", "is not writable"),
     ("existing_file", "is a file, not a folder"),
     ("through_a_file", "is a file, not a folder"),
@@ -298,7 +298,7 @@ def test_sample_bad_option_is_one_line_before_loading(tmp_path, capsys, monkeypa
     if os.geteuid() == 0:  # root may write anywhere: answer as the permission bits do for a user
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and p != str(tmp_path / "locked"))
-    argv = {"nan": ["--guidance", "nan"], "inf": ["--guidance", "inf"],
+    argv = {"nan": ["--w", "nan"], "inf": ["--w", "inf"],
             "unwritable": ["--out", tmp_path / "locked"], "existing_file": ["--out", tmp_path / "file"],
             "through_a_file": ["--out", tmp_path / "file" / "x.png"]}[case]
 

@@ -20,7 +20,7 @@ def random_eps(seed, batch=3):
 
 
 class TinyPITI(torch.nn.Module):
-    """Stand-in for a PITI model: forward(x_t, t, ref=..., low_res=None) -> B x 6 x H x W."""
+    """Stand-in for a PITI model: forward(x_t, t, cond=..., low_res=None) -> B x 6 x H x W."""
 
     def __init__(self, upsampler=False):
         super().__init__()
@@ -30,26 +30,26 @@ class TinyPITI(torch.nn.Module):
         self.ref_proj = torch.nn.Parameter(torch.randn(6, 3, generator=gen))
         self.calls = []
 
-    def forward(self, x, t, ref, low_res=None):
+    def forward(self, x, t, cond, low_res=None):
         self.calls.append(len(x))
         if low_res is not None:
             x = torch.cat([x, F.interpolate(low_res, x.shape[-2:], mode="bilinear", align_corners=False)], 1)
         h = F.conv2d(x, self.conv, padding=1)
-        h = h + (self.ref_proj @ ref.mean(dim=(2, 3)).T).T[:, :, None, None] + (t / 1000.0)[:, None, None, None]
+        h = h + (self.ref_proj @ cond.mean(dim=(2, 3)).T).T[:, :, None, None] + (t / 1000.0)[:, None, None, None]
         return torch.cat([h[:, :3], torch.tanh(h[:, 3:])], dim=1)
 
 
 class TinyGlide(torch.nn.Module):
-    """Stand-in for a GLIDE text model: forward(x_t, t, tokens=..., mask=...)."""
+    """Stand-in for a GLIDE text model: forward(x_t, t, text=..., text_mask=...)."""
 
     def __init__(self):
         super().__init__()
         gen = torch.Generator().manual_seed(1)
         self.embed = torch.nn.Parameter(torch.randn(50, 6, generator=gen))
 
-    def forward(self, x, t, tokens, mask):
-        text = (self.embed[tokens] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return x.repeat(1, 2, 1, 1) * 0.5 + text[:, :, None, None] + (t / 1000.0)[:, None, None, None]
+    def forward(self, x, t, text, text_mask):
+        pooled = (self.embed[text] * text_mask[..., None]).sum(1) / text_mask.sum(1, keepdim=True).clamp(min=1)
+        return x.repeat(1, 2, 1, 1) * 0.5 + pooled[:, :, None, None] + (t / 1000.0)[:, None, None, None]
 
 
 # --- guided_eps --------------------------------------------------------------------
@@ -97,27 +97,27 @@ def test_unknown_kind_raises():
     with pytest.raises(GuidanceError):
         guided_eps(cond, uncond, 1.0, "normalized")
     with pytest.raises(GuidanceError):
-        make_guided_model_fn(TinyPITI(), {"ref": cond}, {"ref": cond}, 1.0, "CFG")
+        make_guided_model_fn(TinyPITI(), {"cond": cond}, {"cond": cond}, 1.0, "CFG")
 
 
 # --- batched guided model ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["cf", "ncf"])
-def test_batched_model_fn_equals_two_separate_calls_piti_upsampler(kind):
+@pytest.mark.parametrize("guidance", ["cf", "ncf"])
+def test_batched_model_fn_equals_two_separate_calls_piti_upsampler(guidance):
     model = TinyPITI(upsampler=True)
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 16, 16, generator=gen)
     t = torch.tensor([10.0, 500.0])
     ref = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1
     low_res = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
-    fn = make_guided_model_fn(model, {"ref": ref, "low_res": low_res}, {"ref": torch.ones_like(ref)}, 3.0, kind)
+    fn = make_guided_model_fn(model, {"cond": ref, "low_res": low_res}, {"cond": torch.ones_like(ref)}, 3.0, guidance)
     with torch.no_grad():
         out = fn(x, t)
         assert model.calls == [4]  # one forward over both branches
-        cond = model(x, t, ref=ref, low_res=low_res)
-        uncond = model(x, t, ref=torch.ones_like(ref), low_res=low_res)
-    expected = torch.cat([guided_eps(cond[:, :3], uncond[:, :3], 3.0, kind), cond[:, 3:]], dim=1)
+        cond = model(x, t, cond=ref, low_res=low_res)
+        uncond = model(x, t, cond=torch.ones_like(ref), low_res=low_res)
+    expected = torch.cat([guided_eps(cond[:, :3], uncond[:, :3], 3.0, guidance), cond[:, 3:]], dim=1)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -127,8 +127,8 @@ def test_batched_model_fn_glide_text_kwargs():
     t = torch.tensor([3.0, 700.0])
     tokens = torch.tensor([[5, 9, 0, 0], [7, 1, 2, 0]])
     mask = tokens != 0
-    null = {"tokens": torch.zeros_like(tokens), "mask": torch.zeros_like(mask)}
-    fn = make_guided_model_fn(model, {"tokens": tokens, "mask": mask}, null, 2.0, "cf")
+    null = {"text": torch.zeros_like(tokens), "text_mask": torch.zeros_like(mask)}
+    fn = make_guided_model_fn(model, {"text": tokens, "text_mask": mask}, null, 2.0, "cf")
     cond, uncond = model(x, t, tokens, mask), model(x, t, **null)
     expected = torch.cat([cond[:, :3] + 2.0 * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
     torch.testing.assert_close(fn(x, t), expected, atol=1e-6, rtol=1e-6)
@@ -136,23 +136,23 @@ def test_batched_model_fn_glide_text_kwargs():
 
 def test_batch_condition_kwargs_rules():
     ref, low_res = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 2, 2)
-    batched = batch_condition_kwargs({"ref": ref, "low_res": low_res, "flag": True}, {"ref": -ref})
-    assert torch.equal(batched["ref"], torch.cat([ref, -ref]))
+    batched = batch_condition_kwargs({"cond": ref, "low_res": low_res, "flag": True}, {"cond": -ref})
+    assert torch.equal(batched["cond"], torch.cat([ref, -ref]))
     assert torch.equal(batched["low_res"], torch.cat([low_res, low_res]))
     assert batched["flag"] is True
     with pytest.raises(GuidanceError):
-        batch_condition_kwargs({"ref": ref}, {"ref": ref[:1]})
+        batch_condition_kwargs({"cond": ref}, {"cond": ref[:1]})
     with pytest.raises(GuidanceError):
-        batch_condition_kwargs({"ref": ref}, {"tokens": ref})
+        batch_condition_kwargs({"cond": ref}, {"text": ref})
 
 
 def test_kind_none_runs_only_the_conditional_branch():
     model = TinyPITI()
     ref = torch.rand(2, 3, 8, 8)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1.0, 2.0])
-    fn = make_guided_model_fn(model, {"ref": ref}, {"ref": torch.ones_like(ref)}, 3.0, "none")
+    fn = make_guided_model_fn(model, {"cond": ref}, {"cond": torch.ones_like(ref)}, 3.0, "none")
     with torch.no_grad():
-        assert torch.equal(fn(x, t), model(x, t, ref=ref))
+        assert torch.equal(fn(x, t), model(x, t, cond=ref))
     assert model.calls == [2, 2]
 
 
@@ -160,12 +160,12 @@ def test_guided_sampling_keeps_statistics_at_every_step():
     diffusion = GaussianDiffusion(get_named_beta_schedule("squaredcos_cap_v2", 1000), "10")
     model = TinyPITI()
     ref = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
-    guided = make_guided_model_fn(model, {"ref": ref}, {"ref": torch.ones_like(ref)}, 5.0, "ncf")
+    guided = make_guided_model_fn(model, {"cond": ref}, {"cond": torch.ones_like(ref)}, 5.0, "ncf")
     checked = []
 
     def recording_fn(x, t):
         out = guided(x, t)
-        mu, sigma = stats(model(x, t, ref=ref)[:, :3])
+        mu, sigma = stats(model(x, t, cond=ref)[:, :3])
         mu_out, sigma_out = stats(out[:, :3])
         checked.append(bool(torch.allclose(mu_out, mu, atol=1e-5) and torch.allclose(sigma_out, sigma, atol=1e-5)))
         return out

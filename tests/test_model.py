@@ -24,15 +24,17 @@ def manifests(golden):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_reference_outputs(name, golden):
-    ref = golden.model(name)
-    model = nanopiti.load_model(ref)
-    inputs = dict(ref["inputs"])
-    x, t = inputs.pop("x"), inputs.pop("t")
+    gold = golden.model(name)
+    model = nanopiti.load_model(gold)
+    # The original code's keyword arguments, by their nanopiti names.
+    names = {"ref": "cond", "tokens": "text", "mask": "text_mask", "low_res": "low_res"}
+    inputs = {names[k]: v for k, v in gold["inputs"].items() if k not in ("x", "t")}
+    x, t = gold["inputs"]["x"], gold["inputs"]["t"]
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, **inputs), ref["output"], atol=1e-4, rtol=0)
-        if "output_null_ref" in ref:  # the null condition of classifier-free guidance
-            inputs["ref"] = torch.ones_like(inputs["ref"])
-            torch.testing.assert_close(model(x, t, **inputs), ref["output_null_ref"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(model(x, t, **inputs), gold["output"], atol=1e-4, rtol=0)
+        if "output_null_ref" in gold:  # the null condition of classifier-free guidance
+            inputs["cond"] = torch.ones_like(inputs["cond"])
+            torch.testing.assert_close(model(x, t, **inputs), gold["output_null_ref"], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -93,12 +95,12 @@ def test_gradient_checkpointing_gives_same_gradients():
     model = build_model(config).train()
     for p in model.parameters():  # zero-initialised output convs would give zero gradients upstream
         torch.nn.init.normal_(p, std=0.05)
-    x, t, ref = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 256, 256)
+    x, t, cond = torch.randn(2, 3, 16, 16), torch.tensor([10, 500]), torch.randn(2, 3, 256, 256)
 
     def grads(flag):
         model.decoder.grad_checkpointing = flag
         model.zero_grad()
-        model(x, t, ref=ref).square().mean().backward()
+        model(x, t, cond=cond).square().mean().backward()
         return [p.grad.clone() for p in model.parameters()]
 
     for a, b in zip(grads(False), grads(True)):

@@ -22,7 +22,7 @@ def tiny_piti():
 def forward_backward(model, inputs, kernels, monkeypatch):
     monkeypatch.setenv("NANOPITI_KERNELS", "1" if kernels else "0")
     model.zero_grad()
-    out = model(*inputs[:2], ref=inputs[2])
+    out = model(*inputs[:2], cond=inputs[2])
     out.square().mean().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -151,7 +151,7 @@ def test_ade20k_prepare_and_load(tmp_path, capsys):
     assert len(seen) > len(ds)  # crops/flips really varied across epochs
 
     # batches at the base model's resolution
-    loader = torch.utils.data.DataLoader(PairedDataset(f"{out}/train_mask.txt", "mask", uncond_p=0.5, seed=1),
+    loader = torch.utils.data.DataLoader(PairedDataset(f"{out}/train_mask.txt", "mask", seed=1),
                                          batch_size=3, collate_fn=collate_skip_none)
     batch = next(iter(loader))
     assert batch["image"].shape == (3, 3, 64, 64) and batch["cond"].shape == (3, 3, 256, 256)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+import bench
 import sample
 from nanopiti import build_model, toy_config
 from nanopiti.data import load_condition_image
 from nanopiti.guidance import make_guided_model_fn
-from nanopiti.toy import TOY_COLORS
+from toyworld.world import TOY_COLORS
 
 FAST = ["--steps", "4", "--sr-steps", "3", "--device", "cpu"]
 
@@ -19,7 +20,7 @@ FAST = ["--steps", "4", "--sr-steps", "3", "--device", "cpu"]
 def save_checkpoint(path, kind, super_res, task="mask", seed=0):
     config = toy_config(kind, super_res, task)
     torch.manual_seed(seed)
-    state = sample.randomize_untrained_(build_model(config), seed).state_dict()
+    state = bench.randomize_untrained_(build_model(config), seed).state_dict()
     torch.save({"config": config, "model": state, "ema": state}, path)
     return str(path)
 
@@ -136,7 +137,7 @@ def test_condition_encoded_once_gives_the_model_output(base_and_cond):
     base, cond = base_and_cond
     x, t = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([999.0, 3.0])
     with torch.inference_mode():
-        direct = base(x, t, ref=cond)
+        direct = base(x, t, cond=cond)
         cached = sample.decoder_call(base, torch.float32)(x, t, **sample.encode(base, cond, torch.float32))
     assert torch.allclose(direct, cached, atol=1e-6)
 
@@ -145,7 +146,7 @@ def test_ncf_keeps_conditional_statistics_at_every_step(monkeypatch, base_and_co
     base, cond = base_and_cond
     raw, guided, handle = record_guidance(monkeypatch, base)
     gen = torch.Generator().manual_seed(0)
-    sample.sample_base(base, cond, guidance=3.0, kind="ncf", steps="6", generator=gen, progress=False)
+    sample.sample_base(base, cond, w=3.0, guidance="ncf", steps="6", generator=gen, progress=False)
     handle.remove()
     assert len(raw) == len(guided) == 6  # one batched forward (cond + null) per step
     dims = (1, 2, 3)
@@ -161,23 +162,23 @@ def test_ncf_keeps_conditional_statistics_at_every_step(monkeypatch, base_and_co
 
     # the check can fail: plain CF at the same w moves the statistics
     raw, guided, handle = record_guidance(monkeypatch, base)
-    sample.sample_base(base, cond, guidance=3.0, kind="cf", steps="2", generator=gen, progress=False)
+    sample.sample_base(base, cond, w=3.0, guidance="cf", steps="2", generator=gen, progress=False)
     handle.remove()
     assert (guided[0][:, :3].std(dims) - raw[0][: len(cond), :3].std(dims)).abs().max() > 1e-3
 
 
 def test_zero_guidance_all_kinds_same_image(capsys, files, tmp_path, base_and_cond):
     base, cond = base_and_cond
-    images = {(kind, w): sample.sample_base(base, cond, guidance=w, kind=kind, steps="5", progress=False,
+    images = {(g, w): sample.sample_base(base, cond, w=w, guidance=g, steps="5", progress=False,
                                             generator=torch.Generator().manual_seed(7))
-              for kind, w in (("cf", 0.0), ("ncf", 0.0), ("none", 0.0), ("ncf", 5.0))}
+              for g, w in (("cf", 0.0), ("ncf", 0.0), ("none", 0.0), ("ncf", 5.0))}
     assert torch.allclose(images["cf", 0.0], images["none", 0.0], atol=1e-5)
     assert torch.allclose(images["ncf", 0.0], images["none", 0.0], atol=1e-5)
     assert (images["ncf", 5.0] - images["none", 0.0]).abs().max() > 0.05  # while strong guidance matters
     # and through the whole CLI pipeline, base model and upsampler (8-bit pictures: one level of slack)
-    for kind in ("ncf", "none"):
-        assert cli(capsys, files, "--cond", files["mask"], "--guidance", 0, "--guidance-kind", kind,
-                   "--out", tmp_path / f"{kind}.png")[0] == 0
+    for g in ("ncf", "none"):
+        assert cli(capsys, files, "--cond", files["mask"], "--w", 0, "--guidance", g,
+                   "--out", tmp_path / f"{g}.png")[0] == 0
     assert np.abs(read(tmp_path / "ncf.png").astype(int) - read(tmp_path / "none.png")).max() <= 1
 
 
@@ -225,8 +226,7 @@ def test_bad_input_one_line_and_nonzero_exit(capsys, files, tmp_path, monkeypatc
 
 
 def test_bench_smoke_toy(capsys):
-    code = sample.main(["--bench", "--bench-config", "toy", "--steps", "2", "--sr-steps", "2", "--batch-size", "2",
-                        "--device", "cpu"])
+    code = bench.main(["--config", "toy", "--steps", "2", "--sr-steps", "2", "--batch-size", "2", "--device", "cpu"])
     out = capsys.readouterr().out
     assert code == 0
     seconds = float(out.split(": ")[-1].split(" s per 64x64 image")[0])
@@ -236,6 +236,6 @@ def test_bench_smoke_toy(capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_replay_equals_eager(base_and_cond):
     base, cond = copy.deepcopy(base_and_cond[0]).cuda(), base_and_cond[1].cuda()
-    runs = [sample.sample_base(base, cond, guidance=3.0, steps="8", cuda_graph=graph, progress=False,
+    runs = [sample.sample_base(base, cond, w=3.0, steps="8", cuda_graph=graph, progress=False,
                                generator=torch.Generator("cuda").manual_seed(0)) for graph in (False, True)]
     assert torch.allclose(runs[0], runs[1], atol=1e-5)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from nanopiti import toy
-from nanopiti.toy import (CLOUD, GRASS, HOUSE, MOUNTAIN, ROAD, SAND, SKY, SUN, TOY_CLASSES, TOY_COLORS,
+from toyworld import world as toy
+from toyworld.world import (CLOUD, GRASS, HOUSE, MOUNTAIN, ROAD, SAND, SKY, SUN, TOY_CLASSES, TOY_COLORS,
                           TREE, WATER, ToyTokenizer, ToyWorldError, caption_classes, render, render_scene,
                           sample_layout)
 

@@ -13,7 +13,7 @@ import torch
 
 import train
 from nanopiti import build_model, load_model, toy_config
-from nanopiti.batches import SyntheticPairs
+from nanopiti.data import SyntheticPairs
 from nanopiti.checkpoint import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +145,21 @@ def test_stage_up_trains_generator_and_discriminator(tmp_path):
             r["diffusion"] + 0.004 * r["perceptual"] + 0.01 * r["adv"], rel=1e-5, abs=1e-6)
 
 
+def test_classifier_free_dropout_gives_the_null_condition():
+    """train.py's one way of classifier-free dropout: dropped samples get the null condition (all
+    ones for PITI, the empty caption for GLIDE); the upsampler's low_res is never dropped."""
+    drop = torch.tensor([True, False])
+    piti = build_model(toy_config("piti", super_res=True))
+    batch = {"cond": torch.rand(2, 3, 8, 8) * 2 - 1, "low_res": torch.rand(2, 3, 4, 4)}
+    kwargs, null = train.model_kwargs(piti, batch, "cpu", drop)
+    assert (kwargs["cond"][0] == 1).all() and torch.equal(kwargs["cond"][1], batch["cond"][1])
+    assert torch.equal(null["cond"], torch.ones_like(batch["cond"])) and torch.equal(kwargs["low_res"], batch["low_res"])
+    glide = build_model(toy_config("glide"))
+    kwargs, null = train.model_kwargs(glide, {"caption": ["a house on grass", "a tree on sand"]}, "cpu", drop)
+    assert not kwargs["text_mask"][0].any() and not kwargs["text"][0].any() and kwargs["text_mask"][1].sum() == 4
+    assert not null["text_mask"].any()
+
+
 def test_prepared_dataset_with_limit_and_previews(tmp_path):
     """The route of the real datasets: list files from prepare_data.py (here of the toy world, in
     the layout every dataset gets), --limit, previews from the validation list."""
@@ -161,7 +176,7 @@ def test_prepared_dataset_with_limit_and_previews(tmp_path):
 
 
 def test_resume_is_bitwise_exact(tmp_path):
-    common = ["--stage", "2", "--init", "scratch", "--micro-batch", 1, "--schedule-sampler", "loss-aware"]
+    common = ["--stage", "2", "--init", "scratch", "--micro-batch", 1, "--timesteps", "loss-aware"]
     run(*common, "--out", tmp_path / "straight", "--max-steps", 4)
     run(*common, "--out", tmp_path / "split", "--max-steps", 2)
     run(*common, "--out", tmp_path / "split", "--max-steps", 4, "--resume", "auto")
@@ -172,7 +187,7 @@ def test_resume_is_bitwise_exact(tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
-    assert torch.equal(a["sampler"]["history"], b["sampler"]["history"])
+    assert torch.equal(a["timesteps"]["history"], b["timesteps"]["history"])
     assert records(tmp_path / "straight") == records(tmp_path / "split")
 
 
@@ -208,12 +223,12 @@ def test_non_finite_step_is_skipped(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(SyntheticPairs, "__getitem__", poisoned)
     args = ["--stage", "2", "--init", "scratch", "--out", str(tmp_path), "--max-steps", "1",
-            "--schedule-sampler", "loss-aware"]
+            "--timesteps", "loss-aware"]
     train.main(FAST + args + ["--data", "synthetic", "--model-size", "toy"])
     assert "step skipped" in capsys.readouterr().err
     assert records(tmp_path)[0]["skipped"] is True
-    sampler = load_checkpoint(str(tmp_path / "latest.pt"))["sampler"]  # the NaN losses stay out of its history
-    assert sampler["counts"].sum() == 0 and torch.isfinite(sampler["history"]).all()
+    history = load_checkpoint(str(tmp_path / "latest.pt"))["timesteps"]  # the NaN losses stay out of it
+    assert history["counts"].sum() == 0 and torch.isfinite(history["history"]).all()
     torch.manual_seed(0)
     start = train.initial_model(train.get_args(FAST + args + ["--model-size", "toy"])).state_dict()
     ckpt = load_checkpoint(str(tmp_path / "latest.pt"))
@@ -225,7 +240,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     4, data, timesteps and noise. The upsampler stage with loss-aware sampling exercises every
     cross-process path: DDP, the critic's all-reduce, the loss all-gather."""
     init = perturbed_glide_upsampler(tmp_path / "upsample.pt")
-    args = ["train.py", "--stage", "up", "--init", init, "--random-vgg", "--schedule-sampler", "loss-aware",
+    args = ["train.py", "--stage", "up", "--init", init, "--random-vgg", "--timesteps", "loss-aware",
             "--max-steps", "2", "--batch-size", "4", "--data", "toy", "--workers", "0", "--sample-every", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",

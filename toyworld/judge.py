@@ -23,14 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .toy import TOY_CLASSES, TOY_COLORS, render_scene
-
-HELDOUT_SEED0 = 10 ** 9  # held-out scenes use layout seeds 10^9 + i; training never does
-
+from .world import HELDOUT_SEED0, TOY_CLASSES, TOY_COLORS, render_scene
 
 class EvaluateError(ValueError):
     """Bad input to the evaluator (wrong image layout, unreadable segmenter checkpoint)."""
-
 
 def to_model_input(images, size=None):
     """uint8 N x H x W x 3 or float N x 3 x H x W in [-1, 1] -> float32 N x 3 x size x size."""
@@ -45,7 +41,6 @@ def to_model_input(images, size=None):
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x
 
-
 def labels_from_colors(color_maps):
     """Color-coded label maps (uint8 N x H x W x 3 or [-1, 1] N x 3 x H x W) -> class ids N x H x W,
     each pixel taking the class of the nearest TOY_COLORS entry."""
@@ -54,16 +49,13 @@ def labels_from_colors(color_maps):
     dist = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # N x classes x H x W
     return dist.argmin(1)
 
-
-# ----------------------------------------------------------------------------- the segmenter
-
+# --- the segmenter ---
 
 def _block(c_in, c_out, stride=1):
     # BatchNorm rather than a per-image norm (GroupNorm): at evaluation it uses fixed statistics, so
     # the features keep each image's brightness, contrast and color, which the toy FID must see.
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
                          nn.SiLU())
-
 
 class ToySegmenter(nn.Module):
     """A small UNet that works at 1/2, 1/4 and 1/8 of the input resolution (cheap on a CPU):
@@ -92,12 +84,10 @@ class ToySegmenter(nn.Module):
         logits = self.head(self.trunk(x)[1])
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
-
 def toy_batch(seeds, size):
     """Render scenes: uint8 images N x size x size x 3 and class ids N x size x size."""
     scenes = [render_scene(int(s), size) for s in seeds]
     return np.stack([s.image for s in scenes]), np.stack([s.label for s in scenes])
-
 
 def _augment(x, gen):
     """Flips, and blur and noise on some images, so that blurry or grainy samples are judged fairly."""
@@ -109,7 +99,6 @@ def _augment(x, gen):
     x = torch.where(blur[:, None, None, None], blurred, x)
     sigma = 0.05 * torch.rand(n, 1, 1, 1, generator=gen)
     return x + sigma * torch.randn(x.shape, generator=gen), flip
-
 
 def train_segmenter(num_images=1000, size=64, steps=1000, seed=0, batch_size=16, width=16, lr=1e-2):
     """Train a ToySegmenter on `num_images` toy renders at size x size (CPU, deterministic)."""
@@ -139,13 +128,11 @@ def train_segmenter(num_images=1000, size=64, steps=1000, seed=0, batch_size=16,
         sched.step()
     return model.eval()
 
-
 @torch.no_grad()
 def segment(model, images, batch_size=64):
     """Class ids N x size x size predicted at the segmenter's resolution."""
     x = to_model_input(images, model.size)
     return torch.cat([model(x[i:i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-
 
 @torch.no_grad()
 def features(model, images, batch_size=64):
@@ -158,13 +145,11 @@ def features(model, images, batch_size=64):
         out.append(torch.cat([deep.mean((2, 3)), last.mean((2, 3))], 1))
     return torch.cat(out).double().numpy()
 
-
 def save_segmenter(model, path, **info):
     """Save weights, config and any extra info (e.g. the held-out mIoU) in one file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save({"kind": "nanopiti-toy-segmenter", "config": model.config,
                 "state_dict": model.state_dict(), "info": info}, path)
-
 
 def load_segmenter(path):
     """Load a segmenter saved by save_segmenter (its extra info in `model.info`)."""
@@ -185,7 +170,6 @@ def load_segmenter(path):
     model.info = ckpt.get("info", {})
     return model.eval()
 
-
 def get_segmenter(path, **train_kwargs):
     """Load the segmenter saved at `path`, or train one (train_segmenter's arguments), measure its
     held-out mIoU, save it there and return it."""
@@ -196,13 +180,10 @@ def get_segmenter(path, **train_kwargs):
     save_segmenter(model, path, **model.info)
     return model
 
-
-# ----------------------------------------------------------------------------- metrics
-
+# --- metrics ---
 
 def _as_long_tensor(a):
     return a.long() if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a)).long()
-
 
 def miou(pred, target, num_classes=len(TOY_CLASSES), ignore_index=255):
     """Mean intersection over union, accumulated over all pixels of all images; classes absent
@@ -219,7 +200,6 @@ def miou(pred, target, num_classes=len(TOY_CLASSES), ignore_index=255):
     union = confusion.sum(0).double() + confusion.sum(1).double() - inter
     return float((inter[union > 0] / union[union > 0]).mean())
 
-
 def heldout_miou(model, n=200):
     """The segmenter's mIoU on n held-out toy renders: how well it can judge."""
     images, labels = toy_batch(HELDOUT_SEED0 + np.arange(n), model.size)
@@ -229,7 +209,6 @@ def heldout_miou(model, n=200):
 def _sqrtm_psd(m):
     w, v = torch.linalg.eigh(m)
     return (v * w.clamp(min=0).sqrt()) @ v.T
-
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2):
     """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))   (the FID formula).
@@ -243,7 +222,6 @@ def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2):
     m = r @ s2 @ r
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
-
 
 def frechet_distance(feats_a, feats_b):
     """Frechet distance between Gaussians fitted to two feature sets (N x D each)."""
@@ -260,7 +238,6 @@ def saturation(images):
     hi, lo = x.max(1).values, x.min(1).values
     return float(torch.where(hi > 0, (hi - lo) / hi.clamp(min=1e-8), torch.zeros_like(hi)).mean())
 
-
 def high_frequency_energy(images, cutoff=0.25):
     """Share of the (mean-removed) luminance spectrum's energy above `cutoff` cycles per pixel
     (Nyquist is 0.5), averaged over images: low when detail is washed out."""
@@ -271,41 +248,6 @@ def high_frequency_energy(images, cutoff=0.25):
     fy, fx = torch.fft.fftfreq(gray.shape[1]), torch.fft.fftfreq(gray.shape[2])
     high = (fy[:, None] ** 2 + fx[None, :] ** 2).sqrt() > cutoff
     return float((power[:, high].sum(1) / power.sum((1, 2)).clamp(min=1e-12)).mean())
-
-
-@torch.no_grad()
-def condition_use(model, x0, cond, null, timesteps=(300, 500, 700), seed=0):
-    """Does the model listen to its condition? Its noise-prediction error (eq. 3's MSE) on the same
-    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with the right condition, a wrong one (the batch's
-    conditions rolled by one: another scene's) and the null condition, at a few of the 1000 steps.
-
-    `cond` and `null` are the model's keyword arguments (train.py's `model_condition`); an
-    upsampler's `low_res` stays the right one in all three. Returns {t: {"right", "wrong", "null",
-    "ratio"}} with ratio = wrong / right: about 1 for a model that ignores its condition, well
-    above 1 for one that uses it (the right condition's error 20 % lower is a ratio of 1.25)."""
-    if x0.shape[0] < 2:
-        raise EvaluateError("condition_use needs at least two samples (it swaps their conditions)")
-    from .diffusion import model_diffusion  # the training schedule of the model
-
-    diffusion = model_diffusion(model.config["noise_schedule"])
-    wrong = {k: v if k == "low_res" else v.roll(1, 0) for k, v in cond.items()}
-    null = {**null, **({"low_res": cond["low_res"]} if "low_res" in cond else {})}
-    gen = torch.Generator(device=x0.device).manual_seed(seed)
-    out = {}
-    for step in timesteps:
-        t = torch.full((x0.shape[0],), step, device=x0.device, dtype=torch.long)
-        noise = torch.randn(x0.shape, generator=gen, device=x0.device)
-        x_t = diffusion.q_sample(x0, t, noise)
-
-        def error(kwargs):
-            eps = model(x_t, diffusion.model_timesteps(t), **kwargs)[:, :3]
-            return float(((eps.float() - noise) ** 2).mean())
-
-        right = error(cond)
-        out[step] = {"right": right, "wrong": error(wrong), "null": error(null)}
-        out[step]["ratio"] = out[step]["wrong"] / max(right, 1e-12)
-    return out
-
 
 def evaluate_samples(model, samples, labels, reference=None):
     """All toy metrics of generated `samples` for the label maps `labels` (class ids N x H x W).

@@ -9,7 +9,7 @@ in which the whole method runs on a CPU in minutes. A scene is drawn in two step
 2. `render(layout, size, appearance_seed)`: rasterizes the layout at any size and paints it with
    colors and textures drawn from a second seed: time of day (day, dusk, night), sky gradient,
    wall and roof colors, autumn or green trees, snow, asphalt or dirt road, noise textures, fog
-   (the painting itself is in nanopiti/toy_paint.py).
+   (the painting itself is in toyworld/paint.py).
 
 The label map, the sketch and the depth map depend on the layout only; the image and the caption
 also depend on the appearance. So one layout (one label map, the condition) has many plausible
@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+TOY_SCENES = 1800  # train.py's toy training scenes: layout seeds 0..1799; its previews use the next ones
+HELDOUT_SEED0 = 10 ** 9  # held-out scenes (the judge, the ablations) use layout seeds 10^9 + i
 TOY_CLASSES = ("sky", "cloud", "sun", "mountain", "water", "sand", "grass", "tree", "house", "road")
 SKY, CLOUD, SUN, MOUNTAIN, WATER, SAND, GRASS, TREE, HOUSE, ROAD = range(10)
 # colormap[i] of PITI's COCO label colors (tests/golden/label_colormap_182.json holds them all).
@@ -37,10 +39,8 @@ MOUNTAIN_DEPTHS, CLOUD_DEPTH, SKY_DEPTH = (600.0, 400.0), 800.0, 1000.0
 # An object or region is named in the caption when it covers at least this fraction of the image.
 MIN_NAMED_FRACTION = 0.001
 
-
 class ToyWorldError(ValueError):
     """Bad input to the toy world (unknown caption word, bad size)."""
-
 
 @dataclass
 class House:
@@ -55,7 +55,6 @@ class House:
     door: float  # door offset on the front face, as a fraction of its width
     windows: int  # windows on the side wing
 
-
 @dataclass
 class Tree:
     x: float
@@ -65,7 +64,6 @@ class Tree:
     trunk: float  # trunk height and crown radius (at scale 1)
     crown: float
     blobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (dx, dy, radius) per blob
-
 
 @dataclass
 class Layout:
@@ -80,7 +78,6 @@ class Layout:
     road: tuple | None  # (x at horizon, x at bottom, half width at bottom, curvature)
     objects: list  # Houses and Trees, far to near
 
-
 @dataclass
 class ToyScene:
     image: np.ndarray  # uint8 H x W x 3
@@ -90,9 +87,7 @@ class ToyScene:
     depth: np.ndarray  # float32 H x W, meters
     time_of_day: str
 
-
-# ----------------------------------------------------------------------------- layout
-
+# --- layout ---
 
 def _fractal_curve(rng, n=65, octaves=5):
     """Sum of piecewise-linear random curves at doubling resolutions, scaled to [0, 1]."""
@@ -101,13 +96,11 @@ def _fractal_curve(rng, n=65, octaves=5):
             for k in range(1, octaves + 1))
     return (h - h.min()) / (np.ptp(h) + 1e-8)
 
-
 def road_center(layout, y):
     """Center x and half width of the road at rows y (it narrows to a point at the horizon)."""
     x_far, x_near, half, curve = layout.road
     t = np.clip((y - layout.horizon) / (1 - layout.horizon), 0, 1)
     return x_far + (x_near - x_far) * t + curve * t * (1 - t), half * t
-
 
 def ground_class(layout, x, y):
     """The class of the ground at normalized points (x, y) below the horizon (arrays broadcast)."""
@@ -126,7 +119,6 @@ def ground_class(layout, x, y):
         cls[(np.abs(x - center) < half) & (cls != WATER)] = ROAD
     return cls
 
-
 def _place(rng, layout, half_width):
     """A base point (x, y) on land, not on the road, or None after a few tries."""
     for _ in range(20):
@@ -137,7 +129,6 @@ def _place(rng, layout, half_width):
         if np.isin(ground_class(layout, xs, np.full(3, y)), (GRASS, SAND)).all():
             return x, y, s
     return None
-
 
 def sample_layout(seed):
     """The geometry of scene `seed`: everything that decides the label map, nothing about colors."""
@@ -190,8 +181,7 @@ def sample_layout(seed):
     layout.objects.sort(key=lambda o: o.y)  # painter's order: far objects first
     return layout
 
-
-# ----------------------------------------------------------------------------- caption
+# --- caption ---
 
 NUMBERS = ("no", "a", "two", "three", "four", "five", "six")
 SKY_WORDS = {"day": "blue", "dusk": "dusk", "night": "night"}
@@ -200,14 +190,11 @@ CAPTION_NOUNS = {"sky": SKY, "cloud": CLOUD, "clouds": CLOUD, "sun": SUN, "moon"
                  "mountains": MOUNTAIN, "sea": WATER, "lake": WATER, "sand": SAND, "grass": GRASS,
                  "tree": TREE, "trees": TREE, "house": HOUSE, "houses": HOUSE, "road": ROAD}
 
-
 def _join(items):
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
-
 def _counted(n, noun, adjective=None):
     return " ".join([NUMBERS[n]] + ([adjective] if adjective else []) + [noun if n == 1 else noun + "s"])
-
 
 def _caption(painter):
     """Describe what is visible: objects and regions covering at least MIN_NAMED_FRACTION."""
@@ -215,10 +202,10 @@ def _caption(painter):
     area = float(size * size)
     named = np.bincount(cv.label.ravel(), minlength=len(TOY_CLASSES)) / area >= MIN_NAMED_FRACTION
     visible = np.bincount(cv.part.ravel(), minlength=cv.parts) / area
-    seen = [(kind, detail) for kind, detail, parts in painter.objects
+    seen = [(what, detail) for what, detail, parts in painter.objects
             if visible[parts].sum() >= MIN_NAMED_FRACTION]
-    houses = [detail for kind, detail in seen if kind == "house"]
-    trees = [detail for kind, detail in seen if kind == "tree"]
+    houses = [detail for what, detail in seen if what == "house"]
+    trees = [detail for what, detail in seen if what == "tree"]
     things = []
     if houses:
         things.append(_counted(len(houses), "house", houses[0] if len(set(houses)) == 1 else None))
@@ -246,20 +233,17 @@ def _caption(painter):
         text += " with " + _join(extras)
     return text + f" under a {SKY_WORDS[painter.tod]} sky"
 
-
 def caption_classes(caption):
     """The set of class ids a toy caption names."""
     return {CAPTION_NOUNS[w] for w in caption.replace(",", " ").split() if w in CAPTION_NOUNS}
 
-
-# ----------------------------------------------------------------------------- scenes
-
+# --- scenes ---
 
 def render(layout, size=256, appearance_seed=0):
     """Rasterize `layout` at size x size and paint it with the appearance of `appearance_seed`."""
     if not isinstance(size, (int, np.integer)) or size < 16:
         raise ToyWorldError(f"toy scenes are rendered at an integer size of at least 16 pixels, got {size!r}")
-    from .toy_paint import Painter  # imported here: toy_paint builds on this module's definitions
+    from .paint import Painter  # imported here: paint builds on this module's definitions
 
     painter = Painter(layout, int(size), np.random.default_rng([int(appearance_seed), 1]))
     painter.sky()
@@ -278,19 +262,15 @@ def render(layout, size=256, appearance_seed=0):
     sketch[:-1, :] |= cv.part[1:, :] != cv.part[:-1, :]
     return ToyScene(image, cv.label, _caption(painter), sketch.astype(np.uint8) * 255, cv.depth, painter.tod)
 
-
 def render_scene(seed, size=256, appearance_seed=None):
     """Scene `seed`; its appearance comes from `appearance_seed` (default: `seed` too)."""
     return render(sample_layout(seed), size, seed if appearance_seed is None else appearance_seed)
-
 
 def label_to_color(label):
     """Color-code a label map with TOY_COLORS, the convention of PITI's label-map conditions."""
     return TOY_COLORS[label]
 
-
-# ----------------------------------------------------------------------------- tokenizer
-
+# --- tokenizer ---
 
 class ToyTokenizer:
     """Word-level tokenizer over the fixed vocabulary of toy captions (id 0 is padding).
@@ -324,15 +304,12 @@ class ToyTokenizer:
                if keep and int(t) != 0]
         return " ".join(self.VOCAB[i] for i in ids).replace(" ,", ",")
 
-
-# ----------------------------------------------------------------------------- pictures
-
+# --- pictures ---
 
 def depth_to_gray(depth):
     """Inverse depth on a log scale as uint8: near is white, the sky is black."""
     near = np.log(SKY_DEPTH) - np.log(np.maximum(depth, 1.0))
     return (255 * near / np.log(SKY_DEPTH)).astype(np.uint8)
-
 
 def save_example_grid(path, n=6, size=128, seed=8):
     """Save n scenes as rows of image | label colors | sketch | depth (docs/toy_world.png)."""

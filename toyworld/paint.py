@@ -1,6 +1,6 @@
 """Painting toy scenes: rasterization, noise textures and the appearance of every class.
 
-`Painter` draws a layout of nanopiti.toy back to front on a `Canvas` that holds the label map,
+`Painter` draws a layout of toyworld.world back to front on a `Canvas` that holds the label map,
 a part-id map (its edges are the sketch), the depth map and the colors. Everything about colors
 comes from the appearance generator `rng`; the geometry comes from the layout alone, so the label,
 sketch and depth maps do not depend on the appearance.
@@ -10,9 +10,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .toy import (CAMERA_HEIGHT, CLOUD, CLOUD_DEPTH, GRASS, GROUND_MAX_DEPTH, HOUSE, MOUNTAIN, MOUNTAIN_DEPTHS,
+from .world import (CAMERA_HEIGHT, CLOUD, CLOUD_DEPTH, GRASS, GROUND_MAX_DEPTH, HOUSE, MOUNTAIN, MOUNTAIN_DEPTHS,
                   ROAD, SAND, SKY_DEPTH, SUN, TIMES_OF_DAY, TOY_CLASSES, TREE, WATER, ground_class, road_center)
-
 
 @lru_cache(maxsize=64)
 def _lerp_weights(n_out, n_cells):
@@ -21,7 +20,6 @@ def _lerp_weights(n_out, n_cells):
     i0 = np.minimum(pos.astype(np.int64), n_cells - 1)
     f = (pos - i0).astype(np.float32)
     return i0, (f * f * (3 - 2 * f))[:, None]
-
 
 def _value_noise(rng, size, cells_y, cells_x):
     """Smooth random field in [-1, 1]: random values on a grid, interpolated (value noise)."""
@@ -32,11 +30,9 @@ def _value_noise(rng, size, cells_y, cells_x):
     rows = grid[iy] * (1 - fy) + grid[iy + 1] * fy  # size x (cx + 1)
     return rows[:, ix] * (1 - fx.T) + rows[:, ix + 1] * fx.T
 
-
 def _fractal_noise(rng, size, cells=(4, 8, 16, 32)):
     total = sum(0.6 ** k * _value_noise(rng, size, c, c) for k, c in enumerate(cells))
     return total / sum(0.6 ** k for k in range(len(cells)))
-
 
 def _box(size, x0, y0, x1, y1):
     """Pixel slices covering a normalized box, with local pixel-center coordinates; None if empty."""
@@ -48,14 +44,12 @@ def _box(size, x0, y0, x1, y1):
     ys = ((np.arange(r0, r1) + 0.5) / size)[:, None]
     return (slice(r0, r1), slice(c0, c1)), xs, ys
 
-
 def _ellipse(size, cx, cy, rx, ry):
     box = _box(size, cx - rx, cy - ry, cx + rx, cy + ry)
     if box is None:
         return None
     sl, xs, ys = box
     return sl, ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1
-
 
 def _polygon(size, points):
     """Mask of a convex polygon: inside all edges' half planes (either winding)."""
@@ -71,11 +65,9 @@ def _polygon(size, points):
         inside &= sign * (dx * (ys - py) - dy * (xs - px)) >= 0
     return sl, inside
 
-
 def _rect(size, x0, y0, x1, y1):
     box = _box(size, x0, y0, x1, y1)
     return None if box is None else (box[0], np.ones((box[2].shape[0], box[1].shape[1]), bool))
-
 
 class Canvas:
     """Label, part-id, depth and color buffers painted back to front (painter's algorithm)."""
@@ -105,8 +97,7 @@ class Canvas:
         self.color[sl][m] = color[m]
         self.emits[sl][m] = emits
 
-
-# ----------------------------------------------------------------------------- appearance
+# --- appearance ---
 
 SKY_TOP = {"day": ((30, 100, 200), (80, 150, 250)), "dusk": ((40, 40, 100), (90, 80, 150)),
            "night": ((2, 4, 15), (10, 14, 35))}
@@ -118,19 +109,15 @@ WALL_COLORS = {"red": (170, 62, 52), "white": (232, 228, 218), "yellow": (228, 2
 ROOF_COLORS = ((150, 52, 42), (72, 72, 82), (110, 76, 52), (62, 82, 112))
 MOUNTAIN_COLORS = ((110, 118, 138), (120, 100, 82), (92, 110, 92), (112, 100, 128))
 
-
 def _pick(rng, low, high):
     return rng.uniform(low, high).astype(np.float32)
-
 
 def _jitter(rng, rgb, amount=12.0):
     return np.clip(np.asarray(rgb, np.float32) + rng.uniform(-amount, amount, 3), 0, 255).astype(np.float32)
 
-
 def _shaded(color, shade):
     """An RGB field: `color` scaled by a per-pixel brightness `shade`."""
     return np.asarray(color, np.float32) * shade[..., None]
-
 
 class Painter:
     """Draws a layout on a canvas with colors and textures from the appearance generator."""
@@ -146,7 +133,7 @@ class Painter:
         self.blotch = _fractal_noise(rng, size, (3, 6, 12, 24))  # large-scale color variation
         # light comes from the sun's side of the picture (either side when there is no sun)
         self.light_x = rng.choice([-1.0, 1.0]) if layout.sun is None else (1.0 if layout.sun[0] > 0.5 else -1.0)
-        self.objects = []  # (kind, detail, part ids) per object, for the caption
+        self.objects = []  # ("house" or "tree", detail, part ids) per object, for the caption
         self.snow = np.zeros((size, size), bool)  # snow-covered mountain pixels, for the caption
 
     def textured(self, shape, color, amount=0.05):
