@@ -38,6 +38,7 @@ def test_oracle_listens():
         assert v["right"] < 1e-2 < v["wrong"], (t, v)
         assert v["ratio"] == pytest.approx(v["wrong"] / v["right"]) and v["ratio"] > 20
         assert v["null"] > v["right"]
+        assert v["layout"] == pytest.approx(v["turned"] / v["right"]) and v["layout"] > 20  # it reads places too
 
 
 def test_model_that_ignores_its_condition():
@@ -53,7 +54,22 @@ def test_model_that_ignores_its_condition():
     x0, g = scenes(4)
     cond_picture = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
     use = condition_use(model, x0, {"cond": cond_picture}, {"cond": torch.ones_like(cond_picture)}, timesteps=(500,))
-    assert use[500]["ratio"] == 1.0 and use[500]["right"] == use[500]["wrong"] == use[500]["null"] > 0
+    assert use[500]["ratio"] == use[500]["layout"] == 1.0
+    assert use[500]["right"] == use[500]["wrong"] == use[500]["null"] == use[500]["turned"] > 0
+
+
+def test_model_that_reads_only_which_colors_its_condition_holds():
+    """Knows the mean color of x0 from the condition's mean: better with the right condition than
+    with another scene's (ratio > 1), but blind to where things are (turned: layout exactly 1)."""
+    class MeanOnly(Oracle):
+        def forward(self, x_t, t, cond=None):
+            return super().forward(x_t, t, cond=cond.mean((2, 3), keepdim=True).expand_as(x_t))
+
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(6, 3, 1, 1, generator=g) * 2 - 1) * 0.8 + 0.2 * torch.rand(6, 3, 32, 32, generator=g)
+    use = condition_use(MeanOnly(), x0, {"cond": x0}, {"cond": torch.ones_like(x0)})
+    for v in use.values():
+        assert v["ratio"] > 2 and v["layout"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_upsampler_keeps_its_low_res_and_needs_two_samples():
