@@ -48,6 +48,13 @@ def open_image(path):
     except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
+def open_rgb(path):
+    """A depth or normal picture, which PITI encodes as RGB; any other mode is a DataError."""
+    img = open_image(path)
+    if img.mode not in ("RGB", "RGBA"):
+        raise DataError(f"{path}: depth and normal pictures must be RGB, got mode {img.mode}", reason="wrong channels")
+    return img.convert("RGB")
+
 def label_image_to_color(img, palette="coco", name="label map"):
     """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
 
@@ -210,16 +217,12 @@ class PairedDataset(torch.utils.data.Dataset):
         image = np.asarray(open_image(image_path).convert("RGB"))
         conds = []
         for p in cond_paths:
-            img = open_image(p)
             if self.task == "mask":
-                conds.append(label_image_to_color(img, self.palette, name=p))
+                conds.append(label_image_to_color(open_image(p), self.palette, name=p))
             elif self.task == "sketch":
-                conds.append(np.asarray(img.convert("L")))
-            elif img.mode in ("RGB", "RGBA"):
-                conds.append(np.asarray(img.convert("RGB")))
+                conds.append(np.asarray(open_image(p).convert("L")))
             else:
-                raise DataError(f"{p}: depth/normal pictures must be RGB, got mode {img.mode}",
-                                reason="wrong channels")
+                conds.append(np.asarray(open_rgb(p)))
             if conds[-1].shape[:2] != image.shape[:2]:
                 raise DataError(f"{p}: size {conds[-1].shape[1]}x{conds[-1].shape[0]} differs from "
                                 f"its image {image_path} ({image.shape[1]}x{image.shape[0]})",
@@ -347,12 +350,7 @@ def load_condition_image(path, task, palette=None, size=256):
                 raise DataError(f"{path}: a depth condition is 'normal.png,depth.png' or a *_depth.png "
                                 "file next to its *_normal.png")
             paths = [path[: -len("_depth.png")] + "_normal.png", path]
-        arrays = []
-        for p in paths:
-            img = open_image(p)
-            if img.mode not in ("RGB", "RGBA"):
-                raise DataError(f"{p}: depth and normal pictures must be RGB, got mode {img.mode}")
-            arrays.append(_to_unit(np.asarray(img.convert("RGB").resize((size, size), Image.NEAREST))))
+        arrays = [_to_unit(np.asarray(open_rgb(p).resize((size, size), Image.NEAREST))) for p in paths]
         return torch.from_numpy(np.concatenate(arrays, axis=0))
     img = open_image(path)
     if task == "sketch":
