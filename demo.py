@@ -63,17 +63,14 @@ MAX_BODY = 10 * 2**20  # bytes in one request (an upload, or a condition in base
 MAX_PIXELS = 4096 * 4096  # an upload larger than this is refused before it is decoded
 HELDOUT_SCENES = 10**6  # the page's random button picks index 0..HELDOUT_SCENES-1: layout seed HELDOUT_SEED0 + index
 
-
 class DemoError(ValueError):
     """Bad input from the page: the message is shown there as it is."""
-
 
 def _int(body, name, low, high):
     value = body.get(name, DEFAULTS[name])
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise DemoError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
     return value
-
 
 def read_settings(body):
     """The sampling settings of a generate request, checked: DemoError says which one is wrong."""
@@ -86,18 +83,15 @@ def read_settings(body):
     return {"w": float(w), "guidance": guidance, "steps": _int(body, "steps", 1, MAX_STEPS),
             "seed": _int(body, "seed", 0, MAX_SEED), "num": _int(body, "num", 1, MAX_NUM)}
 
-
 def pixels(picture):
     """size x size x 3 uint8 -> its bytes in base64: how the page receives a canvas, exactly."""
     return base64.b64encode(picture.tobytes()).decode("ascii")
-
 
 def png_data_url(picture):
     """H x W x C uint8 -> "data:image/png;base64,...", which an <img> shows and a link downloads."""
     buffer = io.BytesIO()
     Image.fromarray(picture).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
 
 class Demo:
     """The loaded models and what the request threads share: the sampling lock and its progress."""
@@ -209,7 +203,6 @@ class Demo:
                 "upsampled": [png_data_url(p) for p in to_uint8(high)] if high is not None else [],
                 "seconds": round(seconds, 3), "settings": settings}
 
-
 class Handler(http.server.BaseHTTPRequestHandler):
     """One request: the page, or the API on the Demo that the server carries (`server.demo`)."""
 
@@ -285,7 +278,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise DemoError("the request body must be a JSON object")
         return body
 
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -302,7 +294,6 @@ def parse_args(argv=None):
                    help="CPU threads (the toy models' tensors are small: one is as fast as two, and "
                         "does not stall when other programs share the cores)")
     return p.parse_args(argv)
-
 
 def make_server(args):
     """Bind the server (not yet serving), then load and check the models. Raises SampleError/ModelError."""
@@ -332,7 +323,6 @@ def make_server(args):
     server.demo = Demo(base.to(device), sr.to(device) if sr else None, world, device, dtype)
     return server
 
-
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -350,7 +340,6 @@ def main(argv=None):
         pass
     server.server_close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,16 +6,9 @@
     python prepare_data.py --data diode       --root ~/datasets/diode [--download]
     python prepare_data.py --data toy         --root data/toy --num 2000
 
-Each run writes, under --out (default data/<name>; for toy, --root itself):
-
-    {train,val}/images/*           the photos, shorter side resized to --size (256)
-    {train,val}/labels/*.png       mask tasks: color-coded label maps (nanopiti.colormap)
-    {train,val}/sketches/*.png     sketch task: binary edges, white on black
-    {train,val}/{normals,depth}/*  depth task: PITI's RGB encodings of normals and depth
-    {train,val}_{task}.txt         one pair per line: image<TAB>condition[<TAB>caption]
-    skipped.txt                    every input that was skipped, and why
-
-Outputs that already exist are reused (rerun after an interruption), unless --overwrite.
+Each run writes the resized photos, their condition pictures, {train,val}_{task}.txt (one pair per
+line: image<TAB>condition[<TAB>caption]) and skipped.txt under --out (default data/<name>; toy:
+--root itself); docs/data.md shows the layout. Existing outputs are reused unless --overwrite.
 """
 
 import argparse
@@ -86,10 +79,6 @@ def _save(img, path, **kwargs):
     img.save(tmp, format="JPEG" if path.endswith(".jpg") else "PNG", **kwargs)
     os.replace(tmp, path)
 
-def _resized_photo(path, size):
-    image = open_image(path).convert("RGB")
-    return image, shorter_side_size(*image.size, size)
-
 def _nearest(arr, size):
     """Nearest-neighbour resize of any (H, W, ...) array to size = (w, h), sampling centers."""
     h, w = arr.shape[:2]
@@ -97,72 +86,67 @@ def _nearest(arr, size):
     cols = np.minimum(((np.arange(size[0]) + 0.5) * w / size[0]).astype(np.int64), w - 1)
     return arr[rows][:, cols]
 
-def _mask_pair(job):
-    """(image, class-index label map) -> resized photo + color-coded label map."""
-    image_path, label_path, out, split, stem, size, palette, overwrite = job
-    rel_img, rel_lbl = f"{split}/images/{stem}.jpg", f"{split}/labels/{stem}.png"
-    line = f"{rel_img}\t{rel_lbl}"
-    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_lbl)):
-        return line, None
-    image, new_size = _resized_photo(image_path, size)
-    label = open_image(label_path)
-    if label.mode not in ("L", "P", "I", "I;16"):
-        raise DataError(f"{label_path}: expected a single-channel class-index PNG, got mode {label.mode}",
-                        reason="wrong channels")
-    if label.size != image.size:
-        raise DataError(f"{label_path}: size {label.size} differs from its image {image.size}",
-                        reason="size mismatch")
-    color = label_image_to_color(label.resize(new_size, Image.NEAREST), palette, name=label_path)
-    _save(image.resize(new_size, Image.BICUBIC), os.path.join(out, rel_img), quality=95)
-    _save(Image.fromarray(color), os.path.join(out, rel_lbl))
-    return line, None
+def _photo_pair(job, folders, conditions):
+    """Write a photo resized to --size and its condition PNGs, one per folder, made by
+    conditions(photo, resized photo) (a DataError there writes nothing); return the list line.
+    Outputs that exist already are kept, unless --overwrite."""
+    photo, out, split, size, overwrite = job
+    stem = os.path.splitext(os.path.basename(photo))[0]
+    rel_img, rels = f"{split}/images/{stem}.jpg", [f"{split}/{folder}/{stem}.png" for folder in folders]
+    if overwrite or not all(os.path.exists(os.path.join(out, r)) for r in [rel_img] + rels):
+        image = open_image(photo).convert("RGB")
+        resized = image.resize(shorter_side_size(*image.size, size), Image.BICUBIC)
+        arrays = conditions(image, resized)
+        _save(resized, os.path.join(out, rel_img), quality=95)
+        for rel, arr in zip(rels, arrays):
+            _save(Image.fromarray(arr), os.path.join(out, rel))
+    return f"{rel_img}\t{','.join(rels)}"
+
+def _mask_pair(job, palette):
+    """((photo, class-index label map), ...) -> resized photo + color-coded label map."""
+    (photo, label_path), *rest = job
+
+    def conditions(image, resized):
+        label = open_image(label_path)
+        if label.mode not in ("L", "P", "I", "I;16"):
+            raise DataError(f"{label_path}: expected a single-channel class-index PNG, got mode {label.mode}",
+                            reason="wrong channels")
+        if label.size != image.size:
+            raise DataError(f"{label_path}: size {label.size} differs from its image {image.size}",
+                            reason="size mismatch")
+        return [label_image_to_color(label.resize(resized.size, Image.NEAREST), palette, name=label_path)]
+    return _photo_pair((photo, *rest), ["labels"], conditions)
 
 def _sketch_pair(job, model=None):
     """A photo -> resized photo + binary sketch (HED when `model` is given, else Canny)."""
-    image_path, out, split, size, overwrite = job
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    rel_img, rel_sk = f"{split}/images/{stem}.jpg", f"{split}/sketches/{stem}.png"
-    line = f"{rel_img}\t{rel_sk}"
-    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_sk)):
-        return line, None
-    image, new_size = _resized_photo(image_path, size)
-    image = image.resize(new_size, Image.BICUBIC)
-    rgb = np.asarray(image)
-    edges = hed_sketch(model, rgb) if model is not None else canny_edges(rgb)
-    _save(image, os.path.join(out, rel_img), quality=95)
-    _save(Image.fromarray(np.where(edges, 255, 0).astype(np.uint8)), os.path.join(out, rel_sk))
-    return line, None
+    def conditions(image, resized):
+        rgb = np.asarray(resized)
+        edges = hed_sketch(model, rgb) if model is not None else canny_edges(rgb)
+        return [np.where(edges, 255, 0).astype(np.uint8)]
+    return _photo_pair(job, ["sketches"], conditions)
 
 def _diode_pair(job):
     """DIODE (png, depth, depth mask, normals) -> resized photo + PITI's normal and depth PNGs."""
-    png, out, split, size, overwrite = job
-    stem = os.path.basename(png)[:-4]
-    rel_img, rel_n, rel_d = f"{split}/images/{stem}.jpg", f"{split}/normals/{stem}.png", f"{split}/depth/{stem}.png"
-    line = f"{rel_img}\t{rel_n},{rel_d}"
-    if not overwrite and all(os.path.exists(os.path.join(out, r)) for r in (rel_img, rel_n, rel_d)):
-        return line, None
-    image, new_size = _resized_photo(png, size)
-    arrays = []
-    for suffix in ("_depth.npy", "_depth_mask.npy", "_normal.npy"):
-        path = png[:-4] + suffix
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except FileNotFoundError:
-            raise DataError(f"{path}: no such file", reason="missing file") from None
-        except (ValueError, OSError, EOFError) as e:
-            raise DataError(f"{path}: unreadable ({e})") from None
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise DataError(f"{path}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite",
-                            reason="non-finite values")
-        if arr.shape[:2] != (image.size[1], image.size[0]):
-            raise DataError(f"{path}: shape {arr.shape} does not match its image {image.size}",
-                            reason="size mismatch")
-        arrays.append(_nearest(arr, new_size))
-    depth, valid, normal = arrays
-    _save(image.resize(new_size, Image.BICUBIC), os.path.join(out, rel_img), quality=95)
-    _save(Image.fromarray(encode_normal(normal)), os.path.join(out, rel_n))
-    _save(Image.fromarray(encode_depth(depth.reshape(valid.shape[:2]), valid)), os.path.join(out, rel_d))
-    return line, None
+    def conditions(image, resized):
+        arrays = []
+        for suffix in ("_depth.npy", "_depth_mask.npy", "_normal.npy"):
+            path = job[0][:-4] + suffix
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except FileNotFoundError:
+                raise DataError(f"{path}: no such file", reason="missing file") from None
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{path}: unreadable ({e})") from None
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise DataError(f"{path}: {int((~np.isfinite(arr)).sum())} values are NaN or infinite",
+                                reason="non-finite values")
+            if arr.shape[:2] != (image.size[1], image.size[0]):
+                raise DataError(f"{path}: shape {arr.shape} does not match its image {image.size}",
+                                reason="size mismatch")
+            arrays.append(_nearest(arr, resized.size))
+        depth, valid, normal = arrays
+        return [encode_normal(normal), encode_depth(depth.reshape(valid.shape[:2]), valid)]
+    return _photo_pair(job, ["normals", "depth"], conditions)
 
 def _toy_scene(job):
     """Render toy scene `index` and store it in all three tasks' encodings."""
@@ -178,13 +162,13 @@ def _toy_scene(job):
         for rel, arr in zip(rels, conds):
             _save(Image.fromarray(arr), os.path.join(out, rel))
         lines[task] = f"{split}/images/{stem}.png\t{','.join(rels)}\t{caption}"
-    return lines, None
+    return lines
 
 def _guarded(fn_job):
-    """Run one job; a bad input becomes (None, (reason, message)) instead of an exception."""
+    """Run one job: (its result, None), or a bad input's (None, (reason, message))."""
     fn, job = fn_job
     try:
-        return fn(job)
+        return fn(job), None
     except DataError as e:
         return None, (e.reason, str(e))
 
@@ -229,6 +213,16 @@ def require(name, root, parts):
                            f"python prepare_data.py --data {DATA_KEYS[name]} --root {root} --download "
                            f"(downloads {' '.join(a[0] for a in ARCHIVES[DATA_KEYS[name]])})")
 
+def prepare_splits(args, fn, found, task, workers, unpaired=()):
+    """Run `fn` on the inputs of every split; write {split}_{task}.txt and skipped.txt (inputs
+    `unpaired` with their partner first)."""
+    lists, skipped = {}, list(unpaired)
+    for split, inputs in found.items():
+        jobs = [(p, args.out, split, args.size, args.overwrite) for p in inputs]
+        lists[f"{split}_{task}.txt"], skips = run_jobs(fn, jobs, workers, f"{task} {split}")
+        skipped += skips
+    finish(args.out, lists, skipped, sum(len(f) for f in found.values()) + len(unpaired))
+
 def prepare_masks(args, name, splits, palette):
     """ADE20K / COCO-Stuff: splits = {split: (image folder, label folder, image extension)}."""
     found = {s: (_files(i, ext), _files(l, ".png")) for s, (i, l, ext) in splits.items()}
@@ -236,20 +230,16 @@ def prepare_masks(args, name, splits, palette):
     for s, (i, l, ext) in splits.items():
         parts[f"{i}/*{ext}"], parts[f"{l}/*.png"] = found[s]
     require(name, args.root, parts)
-    lists, skipped, n = {}, [], 0
+    pairs, unpaired = {}, []
     for split, (images, labels) in found.items():
-        by_stem = {os.path.basename(p)[:-4]: p for p in labels}
-        jobs = []
+        by_stem, pairs[split] = {os.path.basename(p)[:-4]: p for p in labels}, []
         for image in images:
             stem = os.path.splitext(os.path.basename(image))[0]
-            if stem not in by_stem:
-                skipped.append(("missing file", f"{image}: no label map {stem}.png"))
-                continue
-            jobs.append((image, by_stem[stem], args.out, split, stem, args.size, palette, args.overwrite))
-        n += len(images)
-        lines, skips = run_jobs(_mask_pair, jobs, args.workers, f"{name} {split}")
-        lists[f"{split}_mask.txt"], skipped = lines, skipped + skips
-    finish(args.out, lists, skipped, n)
+            if stem in by_stem:
+                pairs[split].append((image, by_stem[stem]))
+            else:
+                unpaired.append(("missing file", f"{image}: no label map {stem}.png"))
+    prepare_splits(args, functools.partial(_mask_pair, palette=palette), pairs, "mask", args.workers, unpaired)
 
 def prepare_ade20k(args):
     # --root may be the folder that holds ADEChallengeData2016 (as unzipped) or that folder itself
@@ -274,12 +264,7 @@ def prepare_coco_sketch(args):
               "WARNING: PITI's sketch checkpoints expect HED sketches (sniklaus/pytorch-hed, "
               "network-bsds500.pytorch: python -m nanopiti.download hed); Canny edges are only for training your own models.",
               file=sys.stderr)
-    lists, skipped = {}, []
-    for split, images in found.items():
-        jobs = [(p, args.out, split, args.size, args.overwrite) for p in images]
-        lines, skips = run_jobs(fn, jobs, workers, f"sketch {split}")
-        lists[f"{split}_sketch.txt"], skipped = lines, skipped + skips
-    finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
+    prepare_splits(args, fn, found, "sketch", workers)
 
 def prepare_diode(args):
     found = {}
@@ -290,12 +275,7 @@ def prepare_diode(args):
     parts = {f"{args.root}/{s}/<scene>/<scan>/*.png with *_depth.npy, *_depth_mask.npy": found[s] for s in found}
     parts.update({f"*_normal.npy beside the {s} images ({s}_normals.tar.gz)": normals[s] for s in normals})
     require("DIODE", args.root, parts)
-    lists, skipped = {}, []
-    for split, pngs in found.items():
-        jobs = [(p, args.out, split, args.size, args.overwrite) for p in pngs]
-        lines, skips = run_jobs(_diode_pair, jobs, args.workers, f"diode {split}")
-        lists[f"{split}_depth.txt"], skipped = lines, skipped + skips
-    finish(args.out, lists, skipped, sum(len(f) for f in found.values()))
+    prepare_splits(args, _diode_pair, found, "depth", args.workers)
 
 def prepare_toy(args):
     if args.num < 2:

@@ -173,7 +173,6 @@ def decoder_call(model, dtype, cuda_graph=False):
             return model.decoder(x, t, pooled, tokens, low_res).float()
     return graphed(call) if cuda_graph else call
 
-
 def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
                 generator=None, dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
     """Base-model samples, B x 3 x S x S in [-1, 1], for a batch of conditions B x C x H x W.
@@ -190,7 +189,6 @@ def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sample
     return loop(model_fn, (len(cond), 3, size, size), device=cond.device, generator=generator, progress=progress,
                 callback=callback)
 
-
 def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997, generator=None,
                      dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
     """Upsampled samples, B x 3 x S x S, from the (quantized) base samples `low_res`.
@@ -203,7 +201,6 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
     return model_diffusion(model.config["noise_schedule"], steps).p_sample_loop(
         model_fn, (len(cond), 3, size, size), temperature=temperature, device=cond.device,
         generator=generator, progress=progress, callback=callback)
-
 
 def generate(base, sr, cond, sr_cond=None, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
              sr_steps="fast27", sr_temperature=0.997, generator=None, dtype=torch.float32, cuda_graph=False,
@@ -270,6 +267,10 @@ def resolve_device(name, dtype_name):
     return device, DTYPES[dtype_name or "bf16"]
 
 def check_options(args):
+    if not args.cond:
+        raise SampleError("--cond is required: a condition image, a folder of them, or a list file")
+    if not Path(args.cond).exists() and "," not in args.cond:  # fail before loading big checkpoints
+        raise SampleError(f"--cond {args.cond}: no such file or folder")
     for name in ("num", "batch_size"):
         if getattr(args, name) < 1:
             raise SampleError(f"--{name.replace('_', '-')} must be at least 1")
@@ -292,13 +293,8 @@ def check_options(args):
                           "that can be written")
 
 def run(args, device, dtype):
-    if not args.cond:
-        raise SampleError("--cond is required: a condition image, a folder of them, or a list file")
     out = Path(args.out)
     single_file = out.suffix.lower() == ".png"
-    if not Path(args.cond).exists() and "," not in args.cond:  # fail before loading big checkpoints
-        raise SampleError(f"--cond {args.cond}: no such file or folder")
-
     base = load_piti(args.ckpt, upsampler=False)
     sr = None if args.base_only else load_piti(args.sr_ckpt, upsampler=True)
     task = check_pair(base, sr, args.task)

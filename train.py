@@ -7,20 +7,11 @@ many GPUs with torchrun.
     python train.py --stage up --data ade20k --init checkpoints/upsample.pt --vgg-weights checkpoints/vgg19-dcbccd4d.pth
     torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
 
-Stage 0 pretrains a GLIDE-style text prior (how the toy world's prior is made); stage 1 builds a
-PITI model from a prior (`initial_model`) and trains only its new task encoder; stage 2 finetunes
-encoder and decoder together; stage up finetunes the upsampler with the perceptual (eq. 4) and
-adversarial (eq. 5) losses as well. docs/training.md has the details and recipes.
-
-Every step: AdamW on the trained weights, their EMA, classifier-free dropout of the condition
-(`--uncond-p`), timesteps uniform or loss-aware, gradient accumulation over micro-batches,
-optional clipping, autocast on GPU with a skip of non-finite steps. Randomness (data order,
-timesteps, noise, condition dropout) is drawn for the whole global batch from one generator that
-every process holds, and each process takes its slice: N processes compute what one process
-would, and `--resume` continues bit for bit.
-
-A run writes to --out: latest.pt (the checkpoint, see nanopiti/checkpoint.py), log.jsonl (every
-loss term per step), samples/step_NNNNNN.png (condition | EMA sample | ground truth) and args.json.
+Stage 1 builds a PITI model from a prior (`initial_model`, section 3.3) and trains only its new
+task encoder; stage 2 finetunes encoder and decoder; stage up adds the perceptual (eq. 4) and
+adversarial (eq. 5) losses. Randomness is drawn for the whole global batch from one generator that
+every process holds, and each process takes its slice: N processes compute what one would, and
+`--resume` continues bit for bit. docs/training.md has the details, the recipes and what a run writes.
 """
 
 import argparse
@@ -129,6 +120,18 @@ def check_args(args):
         need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name, "must be a number >= 0")
     need(0 <= args.ema < 1, "ema", "the EMA decay must be in [0, 1) (default 0.9999)")
     need(0 <= args.uncond_p <= 1, "uncond_p", "a probability must be in [0, 1]")
+    need(args.dtype == "fp32" or torch.cuda.is_available(), "dtype", "autocasts on a GPU; on the CPU use --dtype fp32")
+    if args.stage == "0" and args.data not in ("toy", "synthetic"):
+        raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
+                         "for real data start stage 1 from GLIDE's released base.pt (python -m nanopiti.download glide-base)")
+    if args.stage == "up" and args.perc_weight > 0 and not args.vgg_weights and not args.random_vgg:
+        raise TrainError("stage up's perceptual loss needs --vgg-weights checkpoints/vgg19-dcbccd4d.pth (python -m "
+                         "nanopiti.download vgg19), or --random-vgg for offline toy runs, or --perc-weight 0")
+    path = list_file(args, "train")  # the training pairs must be there before any weights load
+    if path is not None and not os.path.isfile(path):
+        where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
+        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
+                         f"python prepare_data.py --data {args.data}{where} {os.path.dirname(path) or '.'}")
     if args.sample_every > 0:  # the previews' sampler, parsed now rather than at the first preview
         try:
             model_diffusion("linear", args.sample_steps)
@@ -223,14 +226,6 @@ def list_file(args, split):
         return None
     return explicit or os.path.join(args.data_root or os.path.join("data", args.data), f"{split}_{args.task}.txt")
 
-def check_data(args):
-    """Fail early, before loading any weights, when the training pairs are not there."""
-    path = list_file(args, "train")
-    if path is not None and not os.path.isfile(path):
-        where = " --root" if args.data == "toy" else " --root <where the dataset is> --out"
-        raise TrainError(f"no {args.data} training list at {path}; prepare it with: "
-                         f"python prepare_data.py --data {args.data}{where} {os.path.dirname(path) or '.'}")
-
 def make_dataset(args, config, split):
     """The training ("train") or preview ("val") dataset for this run."""
     low_res = 64 if config["image_size"] == 256 else config["image_size"] // 2  # GLIDE 64 -> 256, toy 32 -> 64
@@ -242,7 +237,7 @@ def make_dataset(args, config, split):
     if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
         first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, PROBE_PAIRS))
         return ToyDataset(count, args.task, first_scene=first, **kw)
-    if not os.path.isfile(path):  # only "val" gets here (see check_data): preview the first training pairs
+    if not os.path.isfile(path):  # only "val" gets here (check_args): preview the first training pairs
         return make_dataset(args, config, "train")
     return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
 
@@ -309,18 +304,10 @@ def train(args):
     rank, world, device = setup_distributed()
     master = rank == 0
     cuda = device.type == "cuda"
-    if args.dtype != "fp32" and not cuda:
-        raise TrainError(f"--dtype {args.dtype} autocasts on a GPU; on the CPU use --dtype fp32")
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} does not split over {world} processes")
     local_batch = args.batch_size // world
     micro = min(args.micro_batch or local_batch, local_batch)
-
-    if args.stage == "0" and args.data not in ("toy", "synthetic"):
-        raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
-                         "for real data start stage 1 from GLIDE's released base.pt (python -m nanopiti.download glide-base)")
-
-    check_data(args)
 
     # The model: from a checkpoint of this run, or what the stage starts from.
     resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
@@ -348,15 +335,13 @@ def train(args):
     else:
         model = initial_model(args)
     config = model.config
-    unet = model if config["kind"] == "glide" else model.decoder
-    unet.grad_checkpointing = args.grad_checkpointing
+    (model if config["kind"] == "glide" else model.decoder).grad_checkpointing = args.grad_checkpointing
     if args.stage == "1":
         model.decoder.requires_grad_(False)  # stage 1: only the task encoder learns
     model.to(device).train()
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    ema_params = [dict(ema.named_parameters())[n] for n in names]
+    ema_params = [e for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=args.dtype == "fp16")
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
@@ -370,9 +355,6 @@ def train(args):
     # The upsampler's extra losses: perceptual (frozen VGG) and adversarial (its own optimizer).
     vgg = disc = disc_opt = None
     if args.stage == "up" and args.perc_weight > 0:
-        if not args.vgg_weights and not args.random_vgg:
-            raise TrainError("stage up's perceptual loss needs --vgg-weights checkpoints/vgg19-dcbccd4d.pth (python -m "
-                             "nanopiti.download vgg19), or --random-vgg for offline toy runs, or --perc-weight 0")
         if not args.vgg_weights and master:
             print("WARNING: --random-vgg: the perceptual loss uses RANDOM VGG features, not the paper's", file=sys.stderr)
         vgg = VGGPerceptual(args.vgg_weights, allow_random=args.random_vgg).to(device)
@@ -388,7 +370,7 @@ def train(args):
     start = 0
     if ckpt is not None:
         for k, v in stateful.items():
-            if k in ckpt or k in ("ema", "optimizer"):
+            if k in ckpt:  # "ema" and "optimizer" always are (checked above)
                 v.load_state_dict(ckpt[k])
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
@@ -404,7 +386,6 @@ def train(args):
         EpochIndexed(dataset), batch_sampler=StepBatches(n_pairs, args.batch_size, rank, world, args.seed,
                                                          start, args.max_steps),
         num_workers=args.workers, collate_fn=collate_skip_none, pin_memory=cuda)
-    preview, log = None, None
     if master:
         if args.sample_every > 0:
             val = make_dataset(args, config, "val")
@@ -414,8 +395,6 @@ def train(args):
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         log = open_log(os.path.join(args.out, "log.jsonl"), start)
-
-    if master:
         n_train = sum(p.numel() for p in params)
         print(f"stage {args.stage} ({config['kind']}, task {args.task}), {n_train / 1e6:.2f}M trained parameters, "
               f"{n_pairs} pairs, global batch {args.batch_size} = {world} x {local_batch} "
@@ -470,8 +449,7 @@ def train(args):
                 fakes.append(losses["pred_xstart"].detach().float())
 
         # The optimizer step, unless some gradient is inf/NaN (then skip it and say so).
-        if scaler.is_enabled():
-            scaler.unscale_(opt)
+        scaler.unscale_(opt)  # a no-op unless fp16
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         finite = bool(torch.isfinite(grad_norm))
         if finite:

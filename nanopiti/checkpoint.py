@@ -1,30 +1,11 @@
-"""Training checkpoints: written atomically, read back safely.
+"""Training checkpoints: written atomically, read back safely (docs/training.md lists their keys).
 
-A nanopiti training checkpoint is one dict that `torch.load(..., weights_only=True)` can read
-(tensors, numbers, strings, lists and dicts only), so `nanopiti.load_model` accepts it too:
-
-    config            the model's hyper-parameters (nanopiti.model)
-    model, ema        state dicts of the trained weights and of their exponential moving average
-    optimizer         AdamW's state
-    disc, disc_optimizer   the upsampler's discriminator and its optimizer (stage "up" only)
-    scaler            the fp16 GradScaler's state (fp16 runs only)
-    step, stage, task, args
-    rng               the random generator states, as tensors
-    timesteps         the loss-aware timestep sampling's loss history, as tensors
-
-Atomic writes: a crash (power loss, kill -9, a full disk) while a checkpoint is being written
-must never destroy the previous one. So the new checkpoint goes to a temporary file in the same
-folder, is flushed to the disk (fsync), and only then renamed over the old one with
-`os.replace`, which is atomic on POSIX and Windows: a reader sees either the old file or the new
-one, never half of one.
-
-A resumed run redoes the steps after its checkpoint, so `open_log` first drops their records
-from log.jsonl: every step is logged once. (train.py flushes the log before every save, so the
-steps a checkpoint covers are on disk; a line torn by a kill is dropped.)
-
-One run per folder: `run_lock` holds `<out>/lock` (the owner's process id) while a run writes
-there; a second process is refused, a lock left by a killed process is taken over, and the
-temporary files of dead processes (`latest.pt.<pid>.tmp`) are removed.
+A checkpoint is one dict that `torch.load(..., weights_only=True)` can read, so `nanopiti.load_model`
+accepts it too. It is written to a temporary file in the same folder, flushed to the disk (fsync)
+and only then renamed over the old one with `os.replace`, which is atomic: a crash (kill -9, a full
+disk) while it is written never destroys the previous checkpoint. A resumed run redoes the steps
+after its checkpoint, so `open_log` first drops their records from log.jsonl. One run per folder:
+`run_lock` holds `<out>/lock` (the owner's process id) while a run writes there.
 """
 
 import contextlib
@@ -128,7 +109,6 @@ def remove_stale_temporaries(folder):
             os.remove(os.path.join(folder, name))
             print(f"removed {os.path.join(folder, name)}, left by process {match.group(1)} (killed during a save)",
                   file=sys.stderr)
-
 
 @contextlib.contextmanager
 def run_lock(folder):

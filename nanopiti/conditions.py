@@ -100,7 +100,6 @@ def encode_normal(normal):
     n = (n - n.min()) / 2.0
     return (np.clip(n, 0.0, 1.0) * 255).astype(np.uint8)
 
-
 def normals_from_depth(depth, focal):
     """HxW depth (meters, pinhole camera with `focal` pixels, principal point at the center)
     -> HxWx3 unit normals in camera coordinates (x right, y down, z forward), facing the camera.

@@ -1,4 +1,4 @@
-"""Training pairs for PITI: an image and its condition, both ready for the model.
+"""Training pairs for PITI: an image and its condition, both ready for the model (docs/data.md).
 
 Every sample is a dict:
 
@@ -8,20 +8,9 @@ Every sample is a dict:
     caption  str                            when the list file (or the toy world) has one
     path     str                            the image file, for logging and evaluation
 
-The conditions are encoded as in the PITI release (nanopiti.conditions): a color-coded label
-map (mask), the distance field of a binary sketch (sketch), PITI's normal and depth pictures
-(depth). Condition pictures are always resized with nearest neighbour, so that no new colors
-or values appear.
-
-Geometry: the shorter side is resized to 256 (bicubic for the image, nearest for the condition),
-a 256 x 256 window is cropped (random or centered) and flipped with probability 1/2, identically
-for image and condition; the image is then resized to R. (PITI's own loader squashes the whole
-picture to 256 x 256 instead of cropping; we keep the aspect ratio.)
-
-Augmentation randomness comes from numpy's generator seeded with (seed, epoch, index), so a
-sample is the same in every worker process and in every DistributedSampler shard; call
-`set_epoch` before each epoch. Samples that cannot be read are skipped: the next index in order
-is used instead, the file is reported once by a warning and counted in `report()`.
+Conditions are encoded as in the PITI release (nanopiti.conditions) and always resized with
+nearest neighbour. Image and condition are resized (shorter side 256), cropped to 256 x 256 and
+flipped together, with randomness seeded by (seed, epoch, index); unreadable pairs are skipped.
 """
 
 import os
@@ -58,6 +47,13 @@ def open_image(path):
         raise DataError(f"{path}: no such file", reason="missing file") from None
     except Exception as e:  # truncated, corrupt, not an image, decompression bomb, ...
         raise DataError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+
+def open_rgb(path):
+    """A depth or normal picture, which PITI encodes as RGB; any other mode is a DataError."""
+    img = open_image(path)
+    if img.mode not in ("RGB", "RGBA"):
+        raise DataError(f"{path}: depth and normal pictures must be RGB, got mode {img.mode}", reason="wrong channels")
+    return img.convert("RGB")
 
 def label_image_to_color(img, palette="coco", name="label map"):
     """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
@@ -221,16 +217,12 @@ class PairedDataset(torch.utils.data.Dataset):
         image = np.asarray(open_image(image_path).convert("RGB"))
         conds = []
         for p in cond_paths:
-            img = open_image(p)
             if self.task == "mask":
-                conds.append(label_image_to_color(img, self.palette, name=p))
+                conds.append(label_image_to_color(open_image(p), self.palette, name=p))
             elif self.task == "sketch":
-                conds.append(np.asarray(img.convert("L")))
-            elif img.mode in ("RGB", "RGBA"):
-                conds.append(np.asarray(img.convert("RGB")))
+                conds.append(np.asarray(open_image(p).convert("L")))
             else:
-                raise DataError(f"{p}: depth/normal pictures must be RGB, got mode {img.mode}",
-                                reason="wrong channels")
+                conds.append(np.asarray(open_rgb(p)))
             if conds[-1].shape[:2] != image.shape[:2]:
                 raise DataError(f"{p}: size {conds[-1].shape[1]}x{conds[-1].shape[0]} differs from "
                                 f"its image {image_path} ({image.shape[1]}x{image.shape[0]})",
@@ -358,12 +350,7 @@ def load_condition_image(path, task, palette=None, size=256):
                 raise DataError(f"{path}: a depth condition is 'normal.png,depth.png' or a *_depth.png "
                                 "file next to its *_normal.png")
             paths = [path[: -len("_depth.png")] + "_normal.png", path]
-        arrays = []
-        for p in paths:
-            img = open_image(p)
-            if img.mode not in ("RGB", "RGBA"):
-                raise DataError(f"{p}: depth and normal pictures must be RGB, got mode {img.mode}")
-            arrays.append(_to_unit(np.asarray(img.convert("RGB").resize((size, size), Image.NEAREST))))
+        arrays = [_to_unit(np.asarray(open_rgb(p).resize((size, size), Image.NEAREST))) for p in paths]
         return torch.from_numpy(np.concatenate(arrays, axis=0))
     img = open_image(path)
     if task == "sketch":
@@ -371,18 +358,13 @@ def load_condition_image(path, task, palette=None, size=256):
             raise DataError(f"{path}: cannot read a sketch from mode {img.mode}")
         gray = img.convert("L").resize((size, size), Image.NEAREST)
         return sketch_to_condition(binarize_sketch(gray))
-    palette = palette or "coco"
-    if img.mode in ("RGB", "RGBA", "P", "L", "I", "I;16"):
-        color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette, name=path)
-        _warn_off_palette(path, color, palette)
-    else:
+    if img.mode not in ("RGB", "RGBA", "P", "L", "I", "I;16"):
         raise DataError(f"{path}: a label map must be RGB (color-coded) or single-channel class "
                         f"indices, got mode {img.mode} ({len(img.getbands())} channels)")
-    return _to_tensor(color)
-
-def _warn_off_palette(path, color, palette):
-    """Colors outside the palette mean an antialiased or foreign map: usable, but say so."""
-    off = ~in_palette(color, palette)
+    palette = palette or "coco"
+    color = label_image_to_color(img.resize((size, size), Image.NEAREST), palette, name=path)
+    off = ~in_palette(color, palette)  # an antialiased or foreign map: usable, but say so
     if off.any():
         warnings.warn(f"{path}: {off.mean():.1%} of pixels have colors outside the {palette} "
                       "label palette; the model only knows the palette colors")
+    return _to_tensor(color)

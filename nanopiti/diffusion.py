@@ -28,6 +28,7 @@ Numerics follow the original: schedules are float64 tensors, and a coefficient
 is gathered in float64 and only then cast to the dtype of x.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -144,7 +145,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
-
 
 # -----------------------------------------------------------------------------
 # The diffusion process
@@ -304,33 +304,27 @@ class GaussianDiffusion:
         GLIDE sample their upsamplers with temperature 0.997, applied to x_T only.
         `callback(done, total)`, if given, is called after every step (demo.py's progress bar).
         """
-        x = self._initial_noise(shape, noise, temperature, device, generator)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddpm", disable=not progress):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.p_sample(model_fn, x, t, clip_denoised, generator)["sample"]
-            if callback is not None:
-                callback(self.num_timesteps - i, self.num_timesteps)
-        return x
+        step = functools.partial(self.p_sample, model_fn, clip_denoised=clip_denoised, generator=generator)
+        return self._loop(step, "ddpm", shape, noise, temperature, device, generator, progress, callback)
 
     @torch.no_grad()
     def ddim_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, eta=0.0,
                          clip_denoised=True, device=None, generator=None, progress=True, callback=None):
         """DDIM sampling from x_T to x_0; with eta = 0 the result is a function of x_T."""
-        x = self._initial_noise(shape, noise, temperature, device, generator)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="ddim", disable=not progress):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
-            x = self.ddim_sample(model_fn, x, t, eta, clip_denoised, generator)["sample"]
-            if callback is not None:
-                callback(self.num_timesteps - i, self.num_timesteps)
-        return x
+        step = functools.partial(self.ddim_sample, model_fn, eta=eta, clip_denoised=clip_denoised, generator=generator)
+        return self._loop(step, "ddim", shape, noise, temperature, device, generator, progress, callback)
 
-    @staticmethod
-    def _initial_noise(shape, noise, temperature, device, generator):
+    def _loop(self, step, desc, shape, noise, temperature, device, generator, progress, callback):
         if noise is None:
             noise = _randn(tuple(shape), device or "cpu", generator)
         elif tuple(noise.shape) != tuple(shape):
             raise DiffusionError(f"noise has shape {tuple(noise.shape)} but shape {tuple(shape)} was asked for")
-        return noise.to(device or noise.device) * temperature
+        x = noise.to(device or noise.device) * temperature
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc=desc, disable=not progress):
+            x = step(x, torch.full((shape[0],), i, device=x.device, dtype=torch.long))["sample"]
+            if callback is not None:
+                callback(self.num_timesteps - i, self.num_timesteps)
+        return x
 
     # --- training -------------------------------------------------------------
 

@@ -205,7 +205,6 @@ def heldout_miou(model, n=200):
     images, labels = toy_batch(HELDOUT_SEED0 + np.arange(n), model.size)
     return miou(segment(model, images), labels)
 
-
 def _sqrtm_psd(m):
     w, v = torch.linalg.eigh(m)
     return (v * w.clamp(min=0).sqrt()) @ v.T
@@ -230,7 +229,6 @@ def frechet_distance(feats_a, feats_b):
         raise EvaluateError(f"need two N x D feature sets with N >= 2, got {a.shape} and {b.shape}")
     return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False).reshape(a.shape[1], -1),
                                        b.mean(0), np.cov(b, rowvar=False).reshape(b.shape[1], -1))
-
 
 def saturation(images):
     """Mean HSV saturation (max - min) / max over all pixels, in [0, 1]."""
