@@ -499,7 +499,7 @@ def train(args):
                     record["condition"] = {s: {k: round(v[k], 4) for k in keys} for s, v in use.items()}
                     line = {k: "/".join(f"{v[k]:.3f}" for v in use.values()) for k in keys}
                     tqdm.write(f"step {step + 1}: noise error at t=300/500/700, wrong/right condition {line['ratio']}"
-                               + (f", turned/right {line['layout']}" if "layout" in line else ""))
+                               + (f", mirrored/right {line['layout']}" if "layout" in line else ""))
             log.write(json.dumps(record) + "\n")
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:

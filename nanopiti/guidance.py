@@ -103,14 +103,14 @@ def condition_use(model, x0, cond_kwargs, null_kwargs, timesteps=(300, 500, 700)
     """Does the model listen to its condition? Its noise-prediction error (eq. 3's MSE) on the same
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, with the right condition, a wrong one (the batch's
     conditions rolled by one: another scene's) and the null condition, at a few of the 1000 steps;
-    for a condition picture (`cond`) also with that picture turned by 180 degrees: the same classes,
-    in other places.
+    for a condition picture (`cond`) also with that picture mirrored left to right: the same classes
+    in other places, and as likely a condition as the original (the training data is flipped too).
 
     The kwargs are the model's keyword arguments (train.py's `model_kwargs`); an upsampler's
     `low_res` stays the right one throughout. Returns {t: {"right", "wrong", "null", "ratio"[,
-    "turned", "layout"]}} with ratio = wrong / right: about 1 for a model that ignores its
+    "mirrored", "layout"]}} with ratio = wrong / right: about 1 for a model that ignores its
     condition, well above 1 for one that uses it (the right condition's error 20 % lower is 1.25);
-    layout = turned / right: above 1 only if the model uses *where* the condition puts things, not
+    layout = mirrored / right: above 1 only if the model uses *where* the condition puts things, not
     just which things it holds (a model that reads only a mask's classes has ratio > 1, layout 1)."""
     if x0.shape[0] < 2:
         raise GuidanceError("condition_use needs at least two samples (it swaps their conditions)")
@@ -132,6 +132,6 @@ def condition_use(model, x0, cond_kwargs, null_kwargs, timesteps=(300, 500, 700)
         out[step] = {"right": right, "wrong": error(wrong), "null": error(null_kwargs)}
         out[step]["ratio"] = out[step]["wrong"] / right
         if "cond" in cond_kwargs:
-            out[step]["turned"] = error({**cond_kwargs, "cond": cond_kwargs["cond"].flip(-1, -2)})
-            out[step]["layout"] = out[step]["turned"] / right
+            out[step]["mirrored"] = error({**cond_kwargs, "cond": cond_kwargs["cond"].flip(-1)})
+            out[step]["layout"] = out[step]["mirrored"] / right
     return out

@@ -38,7 +38,7 @@ def test_oracle_listens():
         assert v["right"] < 1e-2 < v["wrong"], (t, v)
         assert v["ratio"] == pytest.approx(v["wrong"] / v["right"]) and v["ratio"] > 20
         assert v["null"] > v["right"]
-        assert v["layout"] == pytest.approx(v["turned"] / v["right"]) and v["layout"] > 20  # it reads places too
+        assert v["layout"] == pytest.approx(v["mirrored"] / v["right"]) and v["layout"] > 20  # it reads places too
 
 
 def test_model_that_ignores_its_condition():
@@ -55,12 +55,12 @@ def test_model_that_ignores_its_condition():
     cond_picture = torch.rand(4, 3, 128, 128, generator=g) * 2 - 1
     use = condition_use(model, x0, {"cond": cond_picture}, {"cond": torch.ones_like(cond_picture)}, timesteps=(500,))
     assert use[500]["ratio"] == use[500]["layout"] == 1.0
-    assert use[500]["right"] == use[500]["wrong"] == use[500]["null"] == use[500]["turned"] > 0
+    assert use[500]["right"] == use[500]["wrong"] == use[500]["null"] == use[500]["mirrored"] > 0
 
 
 def test_model_that_reads_only_which_colors_its_condition_holds():
     """Knows the mean color of x0 from the condition's mean: better with the right condition than
-    with another scene's (ratio > 1), but blind to where things are (turned: layout exactly 1)."""
+    with another scene's (ratio > 1), but blind to where things are (mirrored: layout exactly 1)."""
     class MeanOnly(Oracle):
         def forward(self, x_t, t, cond=None):
             return super().forward(x_t, t, cond=cond.mean((2, 3), keepdim=True).expand_as(x_t))
