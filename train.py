@@ -91,6 +91,8 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", default="50", help="respacing of the preview sampler")
     p.add_argument("--sample-w", type=float, default=0.5, help="NCF guidance strength of the previews")
     p.add_argument("--toy-scenes", type=int, default=TOY_SCENES)
+    p.add_argument("--copy-task", action="store_true",
+                   help="toy masks: each image is its own label map, a quick check that the condition path learns")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -120,6 +122,8 @@ def check_args(args):
         need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name, "must be a number >= 0")
     need(0 <= args.ema < 1, "ema", "the EMA decay must be in [0, 1) (default 0.9999)")
     need(0 <= args.uncond_p <= 1, "uncond_p", "a probability must be in [0, 1]")
+    if args.copy_task and (args.data != "toy" or args.task != "mask" or args.stage in ("0", "up")):
+        raise TrainError("--copy-task is a toy-world mask task: use it with --data toy --task mask and stage 1 or 2")
     need(args.dtype == "fp32" or torch.cuda.is_available(), "dtype", "autocasts on a GPU; on the CPU use --dtype fp32")
     if args.stage == "0" and args.data not in ("toy", "synthetic"):
         raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
@@ -236,7 +240,7 @@ def make_dataset(args, config, split):
     path = list_file(args, split)
     if path is None:  # the toy world, rendered on the fly; previews come from held-out scenes
         first, count = (0, args.toy_scenes) if split == "train" else (args.toy_scenes, max(args.num_samples, PROBE_PAIRS))
-        return ToyDataset(count, args.task, first_scene=first, **kw)
+        return ToyDataset(count, args.task, first_scene=first, copy=args.copy_task, **kw)
     if not os.path.isfile(path):  # only "val" gets here (check_args): preview the first training pairs
         return make_dataset(args, config, "train")
     return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)

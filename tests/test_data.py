@@ -239,6 +239,19 @@ def test_toy_dataset_conditions_match_the_scene():
     assert depth.shape == (6, 64, 64) and depth.min() >= -1 and depth.max() <= 1
 
 
+
+def test_toy_copy_task_image_is_its_mask():
+    """The copy task: the image is the condition's label colors at the image size, every epoch."""
+    ds = ToyDataset(2, "mask", resolution=64, cond_size=64, random_flip=True, first_scene=10, copy=True)
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        s = ds[1]
+        assert torch.equal(s["image"], s["cond"])  # same size here: the same picture, flipped together
+    small = ToyDataset(2, "mask", resolution=16, cond_size=64, random_flip=False, first_scene=10, copy=True)[0]
+    colors = torch.from_numpy(labels_to_color(render_scene(10, 64).label)).permute(2, 0, 1).float() / 127.5 - 1
+    assert small["image"].shape == (3, 16, 16)
+    assert (small["image"] - torch.nn.functional.avg_pool2d(colors[None], 4)[0]).abs().mean() < 0.1
+
 def test_depth_and_normal_encodings():
     lut = jet_lut()
     np.testing.assert_allclose(lut[0], [0, 0, 0.5])

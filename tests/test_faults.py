@@ -130,6 +130,7 @@ def copy_run(src, tmp_path):
     (["--sample-every", "5", "--sample-steps", "many"], "--sample-steps: "),
     (["--sample-every", "5", "--num-samples", "0"], "--num-samples 0: must be at least 1"),
     (["--out", "{file}/run"], "is a file, not a folder"),
+    (["--copy-task", "--task", "sketch"], "--copy-task is a toy-world mask task"),
 ])
 def test_train_bad_option_is_one_line_before_any_work(tmp_path, monkeypatch, argv, expected):
     (tmp_path / "file").write_text("a file, not a folder")

@@ -17,16 +17,18 @@ class ToyDataset(torch.utils.data.Dataset):
     maps, sketches and depth stay the same across epochs. With `vary_appearance`, the colors and
     textures are re-drawn every epoch from (seed, epoch, i), so one layout maps to many images,
     as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
+    With `copy`, the image is the mask itself (the copy task): the condition decides the image
+    exactly, so a model that learns anything from its condition must learn this.
     """
 
     def __init__(self, num_scenes, task, resolution=64, cond_size=256,
                  random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
-                 vary_appearance=True):
+                 vary_appearance=True, copy=False):
         self.transform = PairTransform(task, resolution, cond_size, random_flip,
                                         False, upsampler, low_res)
         self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
         self.seed, self.epoch, self.first_scene = seed, 0, first_scene
-        self.vary_appearance = vary_appearance
+        self.vary_appearance, self.copy = vary_appearance, copy
 
     def __len__(self):
         return self.num_scenes
@@ -39,6 +41,8 @@ class ToyDataset(torch.utils.data.Dataset):
         appearance = int(rng.integers(2**31)) if self.vary_appearance else None
         scene = render_scene(self.first_scene + index, self.cond_size, appearance_seed=appearance)
         image, conds = scene_condition_arrays(scene, self.task)
+        if self.copy:
+            image = conds[0]  # the color label map, resized to the image size by the transform
         sample = self.transform(image, conds, rng)
         sample["caption"] = scene.caption
         sample["path"] = f"toy:{self.first_scene + index}"
