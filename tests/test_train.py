@@ -145,6 +145,23 @@ def test_stage_up_trains_generator_and_discriminator(tmp_path):
             r["diffusion"] + 0.004 * r["perceptual"] + 0.01 * r["adv"], rel=1e-5, abs=1e-6)
 
 
+
+def test_compiled_training_step_equals_the_eager_one(tmp_path, stage1, monkeypatch):
+    """--compile traces the training forward with TorchDynamo and still saves the plain model. The
+    test compiles with dynamo's "eager" backend (the captured graph run by PyTorch's own ops), which
+    checks the wiring in seconds; inductor's code generation (2 minutes here) is PyTorch's to test."""
+    compile_, compiled_models = torch.compile, []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or compile_(model, backend="eager"))
+    init = str(stage1 / "latest.pt")
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        run("--stage", "2", "--init", init, "--out", tmp_path / name, "--max-steps", 2, *extra)
+    assert len(compiled_models) == 1  # the --compile run only
+    eager, compiled = records(tmp_path / "eager"), records(tmp_path / "compiled")
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in eager], rel=1e-6)
+    a, b = (load_checkpoint(str(tmp_path / name / "latest.pt"))["model"] for name in ("eager", "compiled"))
+    assert a.keys() == b.keys()  # saved uncompiled: no _orig_mod. prefixes
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
 def test_classifier_free_dropout_gives_the_null_condition():
     """train.py's one way of classifier-free dropout: dropped samples get the null condition (all
     ones for PITI, the empty caption for GLIDE); the upsampler's low_res is never dropped."""
