@@ -502,11 +502,11 @@ def train(args):
                 if probe["image"].shape[0] >= 2:  # the condition measure swaps the conditions of two pairs
                     with autocast:  # wrong / right condition noise error at t = 300, 500, 700 (1: ignored)
                         use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
-                    measures = [k for k in ("ratio", "layout") if k in use[500]]
+                    measures = [k for k in ("ratio", "layout") if k in next(iter(use.values()))]
                     record["condition"] = {s: {k: round(v[k], 4) for k in measures} for s, v in use.items()}
                     line = {k: "/".join(f"{v[k]:.3f}" for v in use.values()) for k in measures}
-                    tqdm.write(f"step {step + 1}: noise error at t=300/500/700, wrong/right condition {line['ratio']}"
-                               + (f", mirrored/right {line['layout']}" if "layout" in line else ""))
+                    tqdm.write(f"step {step + 1}: noise error at t={'/'.join(map(str, use))}, wrong/right condition "
+                               f"{line['ratio']}" + (f", mirrored/right {line['layout']}" if "layout" in line else ""))
             log.write(json.dumps(record) + "\n")
             bar.update(1)
             if (step + 1) % args.log_every == 0 or step + 1 == args.max_steps:

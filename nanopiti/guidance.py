@@ -116,7 +116,7 @@ def condition_use(model, x0, cond_kwargs, null_kwargs, timesteps=(300, 500, 700)
         raise GuidanceError("condition_use needs at least two samples (it swaps their conditions)")
     diffusion = model_diffusion(model.config["noise_schedule"])  # the training schedule of the model
     wrong = {k: v if k == "low_res" else v.roll(1, 0) for k, v in cond_kwargs.items()}
-    null_kwargs = {**null_kwargs, **({"low_res": cond_kwargs["low_res"]} if "low_res" in cond_kwargs else {})}
+    null_kwargs = {**cond_kwargs, **null_kwargs}  # names with no null (low_res) are shared, as in batch_condition_kwargs
     gen = torch.Generator(device=x0.device).manual_seed(seed)
     out = {}
     for step in timesteps:
