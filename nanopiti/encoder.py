@@ -4,7 +4,8 @@
   encoder use (pre-LayerNorm residual blocks, fp32 LayerNorm, GELU MLP, no causal mask).
 * `ConditionEncoder`: PITI's task-specific head E_i. A small CNN turns a 256x256 condition (a
   color-coded mask: 3 channels, a sketch: 1, depth+normal: 6) into a 16x16 grid of 512-d
-  features; with a cls token and learned positions they go through the transformer. The cls
+  features (the toy world's models use `PatchStem` instead, see there); with a cls token and
+  learned positions they go through the transformer. The cls
   output is the pooled latent (added to the timestep embedding), the 256 other tokens are the
   sequence the UNet attends to. This is the only part trained in stage 1.
 * `add_text_encoder` / `encode_text`: GLIDE's text encoder (token, positional and padding
@@ -16,6 +17,7 @@ Both return (pooled (B, W), tokens (B, W, L)), the encoder's output that `nanopi
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .ops import attention
 
@@ -91,13 +93,32 @@ class ConditionCNN(nn.Module):
             x = self.act(getattr(self, f"norm{i}")(getattr(self, f"conv{i}")(x)))
         return self.conv6(x)
 
-class ConditionEncoder(nn.Module):
-    """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm."""
+class PatchStem(nn.Module):
+    """The toy world's stem in place of ConditionCNN: the mean of each 16x16 patch, projected by a
+    1x1 conv (a ViT patch embedding that sees only a patch's average), the same 16x downsampling.
 
-    def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256):
+    Why the toy departs from PITI here: a fresh ConditionCNN hands the transformer a random
+    non-linear mix of a 67-pixel neighbourhood, and a decoder that must learn, from scratch or
+    from a prior that never saw a layout, which token belongs to which place gets almost no
+    signal through it: on a CPU budget of a few thousand steps the toy models ignored their
+    masks. With patch averages the same decoder starts to use the mask within a few hundred
+    steps (docs/results.md, "Does the toy model listen to its condition?")."""
+
+    def __init__(self, in_channels, width):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 1)
+
+    def forward(self, x):
+        return self.conv1(F.avg_pool2d(x, 16))
+
+class ConditionEncoder(nn.Module):
+    """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm.
+    stem="patch" swaps the CNN for the toy world's `PatchStem`."""
+
+    def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256, stem="cnn"):
         super().__init__()
         self.transformer = Transformer(width, layers, heads)
-        self.cnn = ConditionCNN(in_channels, width)
+        self.cnn = ConditionCNN(in_channels, width) if stem == "cnn" else PatchStem(in_channels, width)
         self.final_ln = LayerNorm(width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input

@@ -50,7 +50,7 @@ class PITI(nn.Module):
         unet = {k: config[k] for k in UNET_KEYS}
         width = config["encoder_width"]
         self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"],
-                                        config.get("cond_size", 256))
+                                        config.get("cond_size", 256), config.get("stem", "cnn"))
         self.decoder = UNet(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
                             encoder_channels=width, cond_dim=width, **unet)
         self.config = dict(config)
@@ -74,13 +74,13 @@ def base_config(kind="piti", super_res=False, task="mask"):
                       n_vocab=50257)
     else:
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=512, encoder_layers=8,
-                      encoder_heads=8, cond_size=256)
+                      encoder_heads=8, cond_size=256, stem="cnn")
     return config
 
 def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     """The toy world's models: the same architecture, small enough to train on a laptop CPU.
-    A 32x32 base, a 32->64 upsampler, conditions at 128x128 (8x8 condition tokens), 64-wide
-    encoders; the text encoder and the task encoder share that width so that the decoder's
+    A 32x32 base, a 32->64 upsampler, conditions at 128x128 (8x8 condition tokens from
+    `PatchStem`, not PITI's CNN: see there), 64-wide encoders; the text encoder and the task encoder share that width so that the decoder's
     `transformer_proj` and `encoder_kv` carry over from pretraining to finetuning."""
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
@@ -91,7 +91,7 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
                       n_vocab=n_vocab)
     else:
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=64, encoder_layers=2,
-                      encoder_heads=2, cond_size=128)
+                      encoder_heads=2, cond_size=128, stem="patch")
     return config
 
 def build_model(config):
@@ -153,7 +153,8 @@ def infer_config(state_dict, hints=None):
         layers = count("encoder.transformer.resblocks.")
         config.update(task=task, cond_channels=cond_channels, encoder_width=state_dict["encoder.cls_token"].shape[-1],
                       encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8),
-                      cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5))
+                      cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5),
+                      stem="cnn" if "encoder.cnn.conv2.weight" in state_dict else "patch")
     return config
 
 def _read(path):

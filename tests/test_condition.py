@@ -83,3 +83,39 @@ def test_upsampler_keeps_its_low_res_and_needs_two_samples():
     assert use[500]["ratio"] == 1.0 and use[500]["null"] == use[500]["right"]
     with pytest.raises(GuidanceError, match="at least two"):
         condition_use(Oracle(), x0[:1], {"cond": x0[:1]}, {"cond": x0[:1]})
+
+
+def test_copy_task_learns_its_condition_within_500_steps():
+    """The copy task (the image is its own mask, so the mask decides it) as a threshold: a small toy
+    PITI model with the toy's patch stem, from scratch, uses its condition after 500 steps (right
+    mask's error at least 3 % lower than another scene's at t = 500; measured 1.05 on 16 held-out
+    scenes, and 1.006 with PITI's CNN stem in its place: docs/results.md). About a minute."""
+    from toyworld.data import ToyDataset
+
+    torch.manual_seed(0)
+    config = dict(toy_config("piti"), image_size=16, channel_mult=[1, 2], attention_ds=[2], cond_size=64, encoder_width=32)
+
+    def pairs(n, first):
+        data = ToyDataset(n, "mask", resolution=16, cond_size=64, random_flip=False, first_scene=first, copy=True,
+                          vary_appearance=False)
+        samples = [data[i] for i in range(n)]
+        return torch.stack([s["image"] for s in samples]), torch.stack([s["cond"] for s in samples])
+
+    x_train, c_train = pairs(256, 0)
+    x_val, c_val = pairs(16, 10**6)
+    model = build_model(config)
+    diffusion = model_diffusion(config["noise_schedule"])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        i = torch.randint(0, len(x_train), (8,), generator=g)
+        drop = torch.rand(8, generator=g) < 0.2  # classifier-free dropout: the null condition is all ones
+        cond = torch.where(drop[:, None, None, None], torch.ones_like(c_train[i]), c_train[i])
+        t = torch.randint(0, 1000, (8,), generator=g)
+        loss = diffusion.training_losses(lambda x, s: model(x, s, cond=cond), x_train[i], t, generator=g)["loss"].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        use = condition_use(model.eval(), x_val, {"cond": c_val}, {"cond": torch.ones_like(c_val)}, timesteps=(500,))
+    assert use[500]["ratio"] > 1.03, use

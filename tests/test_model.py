@@ -72,6 +72,26 @@ def test_load_from_path_and_nanopiti_checkpoint(tmp_path, golden):
     torch.testing.assert_close(raw.decoder.out[2].bias, model.decoder.out[2].bias)
 
 
+def test_toy_patch_stem_is_a_projection_of_patch_means():
+    torch.manual_seed(0)
+    model = build_model(nanopiti.toy_config("piti", task="depth"))  # 6 condition channels, 128x128
+    cond = torch.randn(2, 6, 128, 128)
+    means = cond.view(2, 6, 8, 16, 8, 16).mean((3, 5))  # each 16x16 patch's mean
+    conv = model.encoder.cnn.conv1
+    expected = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], means) + conv.bias[:, None, None]
+    torch.testing.assert_close(model.encoder.cnn(cond), expected)
+
+
+@pytest.mark.parametrize("stem", ["patch", "cnn"])
+def test_toy_configs_read_back_off_the_weights(stem):
+    # the shipped toy models of both stems load by their keys alone (the head counts are hints)
+    config = dict(nanopiti.toy_config("piti", super_res=True), stem=stem)
+    with torch.device("meta"):
+        model = build_model(config)
+    hints = {k: config[k] for k in ("num_head_channels", "image_size", "encoder_heads")}
+    assert infer_config(model.state_dict(), hints) == config
+
+
 def test_load_errors_are_one_clear_line(tmp_path, golden):
     with pytest.raises(ModelError, match="no such checkpoint"):
         nanopiti.load_model(tmp_path / "missing.pt")
