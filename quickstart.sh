@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in toy world, from a fresh clone: install the requirements, train the
 # task encoder (stage 1: decoder frozen) from the shipped toy prior, then sample pictures of a toy
-# mask with it and the shipped toy upsampler. About 2.5 minutes on an idle 2-core CPU, plus the install.
+# mask with it and the shipped toy upsampler. About 1.5 minutes on an idle 2-core CPU, plus the install.
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -r requirements.txt
