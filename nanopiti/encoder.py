@@ -102,7 +102,7 @@ class PatchStem(nn.Module):
     from a prior that never saw a layout, which token belongs to which place gets almost no
     signal through it: on a CPU budget of a few thousand steps the toy models ignored their
     masks. With patch averages the same decoder starts to use the mask within a few hundred
-    steps (docs/results.md, "Does the toy model listen to its condition?")."""
+    steps (docs/results.md, "A patch stem for the toy encoder")."""
 
     def __init__(self, in_channels, width):
         super().__init__()

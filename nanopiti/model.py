@@ -80,8 +80,9 @@ def base_config(kind="piti", super_res=False, task="mask"):
 def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     """The toy world's models: the same architecture, small enough to train on a laptop CPU.
     A 32x32 base, a 32->64 upsampler, conditions at 128x128 (8x8 condition tokens from
-    `PatchStem`, not PITI's CNN: see there), 64-wide encoders; the text encoder and the task encoder share that width so that the decoder's
-    `transformer_proj` and `encoder_kv` carry over from pretraining to finetuning."""
+    `PatchStem`, not PITI's CNN: see there), 64-wide encoders; the text encoder and the task
+    encoder share that width so that the decoder's `transformer_proj` and `encoder_kv` carry over
+    from pretraining to finetuning."""
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,

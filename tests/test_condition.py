@@ -91,6 +91,7 @@ def test_copy_task_learns_its_condition_within_500_steps():
     mask's error at least 3 % lower than another scene's at t = 500; measured 1.05 on 16 held-out
     scenes, and 1.006 with PITI's CNN stem in its place: docs/results.md). About a minute."""
     from toyworld.data import ToyDataset
+    from train import model_kwargs  # train.py's condition and its classifier-free dropout
 
     torch.manual_seed(0)
     config = dict(toy_config("piti"), image_size=16, channel_mult=[1, 2], attention_ds=[2], cond_size=64, encoder_width=32)
@@ -109,13 +110,12 @@ def test_copy_task_learns_its_condition_within_500_steps():
     g = torch.Generator().manual_seed(0)
     for _ in range(500):
         i = torch.randint(0, len(x_train), (8,), generator=g)
-        drop = torch.rand(8, generator=g) < 0.2  # classifier-free dropout: the null condition is all ones
-        cond = torch.where(drop[:, None, None, None], torch.ones_like(c_train[i]), c_train[i])
+        kwargs, _ = model_kwargs(model, {"cond": c_train[i]}, "cpu", drop=torch.rand(8, generator=g) < 0.2)
         t = torch.randint(0, 1000, (8,), generator=g)
-        loss = diffusion.training_losses(lambda x, s: model(x, s, cond=cond), x_train[i], t, generator=g)["loss"].mean()
+        loss = diffusion.training_losses(lambda x, s: model(x, s, **kwargs), x_train[i], t, generator=g)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        use = condition_use(model.eval(), x_val, {"cond": c_val}, {"cond": torch.ones_like(c_val)}, timesteps=(500,))
+        use = condition_use(model.eval(), x_val, *model_kwargs(model, {"cond": c_val}, "cpu"), timesteps=(500,))
     assert use[500]["ratio"] > 1.03, use
