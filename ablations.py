@@ -16,6 +16,10 @@ guidance comparison) and writes `--out`/results.md and picture grids:
 * the upsampler (Table 3b): diffusion loss only | + perceptual | + perceptual + adversarial.
 
 Finished runs are reused (their latest.pt), so an interrupted script can simply be restarted.
+
+    python ablations.py --measure checkpoints/toy_mask_base.pt checkpoints/toy_mask_upsample.pt
+
+measures two models as sample.py runs them instead (how the shipped toy models were measured).
 """
 
 import argparse
@@ -31,9 +35,10 @@ import torch
 
 import sample
 from nanopiti import load_model
+from nanopiti.guidance import condition_use
+from nanopiti.pictures import save_grid
 from toyworld.data import ToyDataset
 from toyworld.judge import evaluate_samples, get_segmenter
-from nanopiti.pictures import save_grid
 from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
 def parse_args(argv=None):
@@ -50,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure", nargs=2, metavar=("BASE", "UP"),
+                   help="train nothing: measure these two models with sample.py's defaults on --eval-n held-out masks")
     return p.parse_args(argv)
 
 # --- training runs ---
@@ -150,6 +157,26 @@ def evaluate(args):
     grid([real] + [pictures[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
     return rows, judge.info
 
+def measure_models(args):
+    """--measure: the pipeline of sample.py with its defaults (NCF w = 0.3, 250 DDPM steps, fast27
+    upsampler) on --eval-n held-out toy masks; mIoU and toy FID of the base and the upsampled
+    samples, the base model's condition measure at t = 500, and a grid (mask | base | upsampled | real)."""
+    judge = get_segmenter(f"{args.out}/segmenter.pt")
+    cond, labels, real = heldout(args.eval_n)
+    real_up = heldout(args.eval_n, resolution=64)[2]
+    base, up = load_model(args.measure[0]), load_model(args.measure[1])
+    low, high = sample.generate(base, up, cond, cond, generator=torch.Generator().manual_seed(args.seed))
+    use = condition_use(base, real, {"cond": cond}, {"cond": torch.ones_like(cond)}, timesteps=(500,))[500]
+    rows = {"base": evaluate_samples(judge, low, labels, reference=real),
+            "upsampled": evaluate_samples(judge, high, labels, reference=real_up)}
+    for name, m in rows.items():
+        print(f"{name}: mIoU {m['miou']:.3f}, toy FID {m['fid']:.2f} ({args.eval_n} held-out masks; "
+              f"judge's own mIoU on real renders {judge.info.get('heldout_miou', float('nan')):.3f})")
+    print(f"condition measure at t = 500: wrong/right {use['ratio']:.3f}, mirrored/right {use['layout']:.3f}")
+    grid([cond, low, high, real_up], f"{args.out}/measure.png", rows=min(8, args.eval_n))
+    print(f"grid: {args.out}/measure.png (mask | base | upsampled | real render)")
+    return rows, use
+
 def write_table(rows, judge_info, args, seconds):
     lines = [f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}; "
              f"{args.eval_n} held-out masks, base sampled with {args.sample_steps} DDPM steps, "
@@ -167,11 +194,14 @@ def write_table(rows, judge_info, args, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.measure:
+        measure_models(args)
+        return 0
     for path in (args.prior_base, args.prior_up):
         if not os.path.isfile(path):
             print(f"error: {path} not found: train the toy prior first (see README, 'The toy prior')", file=sys.stderr)
             return 1
-    os.makedirs(args.out, exist_ok=True)
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         for future in [pool.submit(run_chain, chain) for chain in plan(args).values()]:

@@ -39,7 +39,7 @@ from nanopiti.model import UNET_KEYS, base_config, infer_config, load_model, toy
 from nanopiti.ops import DTYPES
 from nanopiti.perceptual import PerceptualError, VGGPerceptual
 from nanopiti.pictures import save_grid
-from nanopiti.timesteps import LossAwareTimesteps
+from nanopiti.timesteps import LossAwareTimesteps, high_noise_timesteps
 from toyworld.data import ToyDataset
 from toyworld.world import TOY_SCENES, ToyTokenizer, ToyWorldError
 
@@ -72,7 +72,8 @@ def get_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as min(ema, (1+n)/(10+n)))")
     p.add_argument("--uncond-p", type=float, help="null-condition probability (default 0.2; 0 for stage up)")
-    p.add_argument("--timesteps", choices=["uniform", "loss-aware"], default="uniform", help="timestep sampling")
+    p.add_argument("--timesteps", choices=["uniform", "loss-aware", "high-noise"], default="uniform",
+                   help="timestep sampling (high-noise: p(t) proportional to t, the toy recipe)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
@@ -417,6 +418,8 @@ def train(args):
         b = args.batch_size
         if loss_aware is not None:
             t_all, w_all = loss_aware.sample(b, device, generator)
+        elif args.timesteps == "high-noise":
+            t_all, w_all = high_noise_timesteps(b, diffusion.num_timesteps, device, generator), torch.ones(b, device=device)
         else:
             t_all, w_all = diffusion.sample_timesteps(b, device, generator), torch.ones(b, device=device)
         r = config["image_size"]

@@ -10,7 +10,7 @@ from nanopiti.diffusion import (
     get_named_beta_schedule,
     space_timesteps,
 )
-from nanopiti.timesteps import LossAwareTimesteps
+from nanopiti.timesteps import LossAwareTimesteps, high_noise_timesteps
 
 @pytest.fixture(scope="module")
 def ref(golden):
@@ -223,3 +223,13 @@ def test_loss_aware_timesteps():
     # A full history shifts out the oldest loss.
     timesteps.update([0], [0.0])
     assert timesteps._history[0].tolist() == [4.0, 0.0]
+
+
+def test_high_noise_timesteps_lean_linearly_to_the_end_of_the_chain():
+    t = high_noise_timesteps(200_000, 1000, "cpu", torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and int(t.min()) >= 0 and int(t.max()) == 999
+    # p(t) = (2t + 1) / T^2: mean 2T/3, half the draws above T / sqrt(2)
+    assert abs(float(t.float().mean()) - 666.2) < 3
+    assert abs(float((t >= 708).float().mean()) - 0.5) < 0.005
+    again = high_noise_timesteps(200_000, 1000, "cpu", torch.Generator().manual_seed(0))
+    assert torch.equal(t, again)

@@ -82,6 +82,23 @@ def test_toy_patch_stem_is_a_projection_of_patch_means():
     torch.testing.assert_close(model.encoder.cnn(cond), expected)
 
 
+def test_toy_encoder_starts_with_2d_positions_and_identity_blocks():
+    torch.manual_seed(0)
+    encoder = build_model(nanopiti.toy_config("piti")).encoder  # 8x8 tokens, 64 wide
+    pos = encoder.positional_embedding[0, 1:].detach().view(8, 8, 64)
+    assert abs(float(pos.std()) - 1) < 1e-5
+    # the first half of each position depends on its row only, the second on its column only
+    torch.testing.assert_close(pos[:, :, :32], pos[:, :1, :32].expand(8, 8, 32))
+    torch.testing.assert_close(pos[:, :, 32:], pos[:1, :, 32:].expand(8, 8, 32))
+    assert torch.cdist(pos.view(64, 64), pos.view(64, 64)).add(torch.eye(64)).min() > 0.5  # all 64 tell apart
+    # the transformer starts as the identity: tokens = final LayerNorm(patch stem + positions)
+    cond = torch.randn(2, 3, 128, 128)
+    pooled, tokens = encoder(cond)
+    x = encoder.cnn(cond).flatten(2).transpose(1, 2) + encoder.positional_embedding[:, 1:]
+    torch.testing.assert_close(tokens, encoder.final_ln(x).transpose(1, 2))
+    torch.testing.assert_close(pooled, encoder.final_ln(encoder.cls_token + encoder.positional_embedding[:, :1])[:, 0].expand(2, -1))
+
+
 @pytest.mark.parametrize("stem", ["patch", "cnn"])
 def test_toy_configs_read_back_off_the_weights(stem):
     # the shipped toy models of both stems load by their keys alone (the head counts are hints)

@@ -12,6 +12,7 @@ import sample
 import train
 from nanopiti import load_model
 from nanopiti.checkpoint import export_weights, load_checkpoint
+from toyworld.judge import save_segmenter, train_segmenter
 
 STEP = ["--data", "toy", "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--sample-every", "0"]
 
@@ -43,6 +44,15 @@ def test_every_stage_then_sampling(tmp_path):
     assert code == 0
     assert Image.open(f"{d}/out/toy_mask_0.png").size == (64, 64)
     assert Image.open(f"{d}/out/toy_mask_grid.png").width > 3 * 64
+
+    # the measure of the shipped models (ablations.py --measure), with a small judge saved beforehand
+    save_segmenter(train_segmenter(num_images=8, size=32, steps=2, batch_size=4, width=8), f"{d}/m/segmenter.pt",
+                   heldout_miou=0.5)
+    rows, use = ablations.measure_models(ablations.parse_args(
+        ["--measure", f"{d}/toy_mask_base.pt", f"{d}/toy_mask_upsample.pt", "--eval-n", "3", "--out", f"{d}/m"]))
+    assert set(rows) == {"base", "upsampled"} and all(0 <= r["miou"] <= 1 and r["fid"] >= 0 for r in rows.values())
+    assert use["ratio"] > 0 and use["layout"] > 0
+    assert Image.open(f"{d}/m/measure.png").size == (4 * 128 + 3 * 2, 3 * 128)  # mask | base | upsampled | real
 
 
 def test_ablation_plan_covers_the_papers_comparisons():
