@@ -194,14 +194,19 @@ def write_table(rows, judge_info, args, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     if args.measure:
+        missing = [path for path in args.measure if not os.path.isfile(path)]
+        if missing:
+            print(f"error: --measure: {missing[0]} not found: give a base model and an upsampler", file=sys.stderr)
+            return 1
+        os.makedirs(args.out, exist_ok=True)
         measure_models(args)
         return 0
     for path in (args.prior_base, args.prior_up):
         if not os.path.isfile(path):
             print(f"error: {path} not found: train the toy prior first (see README, 'The toy prior')", file=sys.stderr)
             return 1
+    os.makedirs(args.out, exist_ok=True)
     start = time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         for future in [pool.submit(run_chain, chain) for chain in plan(args).values()]:

@@ -136,8 +136,9 @@ class ConditionEncoder(nn.Module):
         copy task reads places within about 1,000 steps. Same parameters, only their starting values."""
         width, n = self.positional_embedding.shape[-1], int(round((self.positional_embedding.shape[1] - 1) ** 0.5))
         angle = torch.linspace(0, torch.pi, n)[:, None] * torch.arange(1, width // 4 + 1)  # (n, width/4)
-        rows, cols = torch.cat([angle.sin(), angle.cos()], 1), torch.cat([angle.sin(), angle.cos()], 1)
-        grid = torch.cat([rows[:, None].expand(n, n, -1), cols[None].expand(n, n, -1)], -1).reshape(n * n, width)
+        wave = torch.cat([angle.sin(), angle.cos()], 1)  # (n, width/2): one coordinate's code
+        # token (i, j): the row's code, then the column's (raster order, as the stem's tokens)
+        grid = torch.cat([wave[:, None].expand(n, n, -1), wave[None].expand(n, n, -1)], -1).reshape(n * n, width)
         self.positional_embedding[0, 1:] = grid / grid.std()
         for block in self.transformer.resblocks:
             for proj in (block.attn.c_proj, block.mlp.c_proj):

@@ -69,3 +69,9 @@ def test_ablation_plan_covers_the_papers_comparisons():
     for pct in (25, 50):
         limit = lambda c: c[c.index("--limit") + 1]  # noqa: E731
         assert limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct)
+
+
+def test_measure_names_a_missing_model_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert ablations.main(["--measure", str(tmp_path / "base.pt"), str(tmp_path / "up.pt"), "--out", str(out)]) == 1
+    assert "base.pt not found" in capsys.readouterr().err and not out.exists()
