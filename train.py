@@ -418,10 +418,10 @@ def train(args):
         b = args.batch_size
         if loss_aware is not None:
             t_all, w_all = loss_aware.sample(b, device, generator)
-        elif args.timesteps == "high-noise":
-            t_all, w_all = high_noise_timesteps(b, diffusion.num_timesteps, device, generator), torch.ones(b, device=device)
         else:
-            t_all, w_all = diffusion.sample_timesteps(b, device, generator), torch.ones(b, device=device)
+            t_all = (high_noise_timesteps(b, diffusion.num_timesteps, device, generator) if args.timesteps == "high-noise"
+                     else diffusion.sample_timesteps(b, device, generator))
+            w_all = torch.ones(b, device=device)
         r = config["image_size"]
         noise_all = torch.randn((b, 3, r, r), generator=generator, device=device)
         drop_all = torch.rand(b, generator=generator, device=device) < args.uncond_p

@@ -124,17 +124,18 @@ class ConditionEncoder(nn.Module):
         tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input
         self.positional_embedding = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.01)
         if stem == "patch":
-            self.toy_init()
+            self.toy_init(cond_size // 16)
 
     @torch.no_grad()
-    def toy_init(self):
+    def toy_init(self, n):
         """The toy encoder's start: every token says where it is, and the transformer starts as the identity.
 
         With PITI's init (positions of std 0.01, random residual branches) the decoder learns from
         the tokens which classes a mask holds but never where (docs/results.md, "Why the toy
         ignored the layout"); with 2D sinusoid positions of std 1 and zero residual projections the
-        copy task reads places within about 1,000 steps. Same parameters, only their starting values."""
-        width, n = self.positional_embedding.shape[-1], int(round((self.positional_embedding.shape[1] - 1) ** 0.5))
+        copy task reads places within about 1,000 steps. Same parameters, only their starting values.
+        n: the token grid's side."""
+        width = self.positional_embedding.shape[-1]
         angle = torch.linspace(0, torch.pi, n)[:, None] * torch.arange(1, width // 4 + 1)  # (n, width/4)
         wave = torch.cat([angle.sin(), angle.cos()], 1)  # (n, width/2): one coordinate's code
         # token (i, j): the row's code, then the column's (raster order, as the stem's tokens)

@@ -86,9 +86,13 @@ def test_upsampler_keeps_its_low_res_and_needs_two_samples():
         condition_use(Oracle(), x0[:1], {"cond": x0[:1]}, {"cond": x0[:1]})
 
 
-def copy_task_condition_use(steps, encoder_init=True, timesteps=high_noise_timesteps):
-    """A small toy PITI model trained from scratch on the copy task (the image is its own mask, so
-    the mask decides it), as train.py does it; its condition measure on 16 held-out scenes."""
+def test_copy_task_learns_where_its_condition_puts_things():
+    """The copy task (the image is its own mask, so the mask decides it) as a threshold: with the toy
+    encoder's start (ConditionEncoder.toy_init) and timesteps drawn towards high noise, a small toy
+    PITI model from scratch, trained as train.py does, reads *where* the mask puts each class within
+    1,250 steps: the mirrored mask's error at least 10 % above the right one's at t = 500 on 16
+    held-out scenes (measured 1.39, ratio 1.66; with PITI's init 1.005, with uniform timesteps
+    1.009, ratio 1.16 and 1.14: docs/results.md). About two minutes on one core."""
     from toyworld.data import ToyDataset
     from train import model_kwargs  # train.py's condition and its classifier-free dropout
 
@@ -104,31 +108,17 @@ def copy_task_condition_use(steps, encoder_init=True, timesteps=high_noise_times
     x_train, c_train = pairs(512, 0)
     x_val, c_val = pairs(16, 10**6)
     model = build_model(config)
-    if not encoder_init:  # PITI's own start: positions of std 0.01, random residual branches
-        model.encoder.positional_embedding.data.normal_(0, 0.01)
-        for block in model.encoder.transformer.resblocks:
-            block.attn.c_proj.reset_parameters()
-            block.mlp.c_proj.reset_parameters()
     diffusion = model_diffusion(config["noise_schedule"])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for _ in range(1250):
         i = torch.randint(0, len(x_train), (8,), generator=g)
         kwargs, _ = model_kwargs(model, {"cond": c_train[i]}, "cpu", drop=torch.rand(8, generator=g) < 0.2)
-        t = timesteps(8, 1000, "cpu", g)
+        t = high_noise_timesteps(8, 1000, "cpu", g)
         loss = diffusion.training_losses(lambda x, s: model(x, s, **kwargs), x_train[i], t, generator=g)["loss"].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
     with torch.no_grad():
-        return condition_use(model.eval(), x_val, *model_kwargs(model, {"cond": c_val}, "cpu"), timesteps=(500,))[500]
-
-
-def test_copy_task_learns_where_its_condition_puts_things():
-    """The copy task as a threshold: with the toy encoder's start (ConditionEncoder.toy_init) and
-    timesteps drawn towards high noise, a small toy PITI model from scratch reads *where* the mask
-    puts each class within 1,250 steps: the mirrored mask's error at least 10 % above the right
-    one's at t = 500 (measured 1.39, ratio 1.66; with PITI's init 1.005, with uniform timesteps
-    1.009, ratio 1.16 and 1.14: docs/results.md). About two minutes on one core."""
-    use = copy_task_condition_use(1250)
+        use = condition_use(model.eval(), x_val, *model_kwargs(model, {"cond": c_val}, "cpu"), timesteps=(500,))[500]
     assert use["ratio"] > 1.25 and use["layout"] > 1.1, use
