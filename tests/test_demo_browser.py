@@ -153,11 +153,12 @@ def test_paint_generate_and_see_pictures(browser, tmp_path):
         assert browser.js("document.querySelector('#current').textContent") == "painting: house"
         browser.drag([to_page(20, 100), to_page(40, 100), to_page(60, 110)])
         browser.click(".swatch:nth-child(10)")  # road
-        browser.drag([to_page(90, 127), to_page(64, 90)])
+        browser.drag([to_page(90, 127), to_page(50, 105)])  # ends on the house's stroke (the scene is random,
+        # so only pixels painted here have a known color)
         assert browser.js(pixel % (30, 100)) == [192, 0, 0, 255]  # house, painted at the canvas's pixels
-        assert browser.js(pixel % (77, 108)) == [64, 128, 0, 255]  # road
+        assert browser.js(pixel % (50, 105)) == [64, 128, 0, 255]  # road over house
         browser.click("#undo")  # takes the road back, keeps the house
-        assert browser.js(pixel % (77, 108)) != [64, 128, 0, 255]
+        assert browser.js(pixel % (50, 105)) == [192, 0, 0, 255]
         assert browser.js(pixel % (30, 100)) == [192, 0, 0, 255]
 
         start = time.time()
