@@ -215,7 +215,7 @@ def initial_model(args):
     # condition keeps its path into the timestep embedding); the text encoder is dropped and a
     # new task encoder of the same width takes its place.
     config = template(args, "piti", init.config["super_res"])
-    config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule")})
+    config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule") if k in init.config})
     if config["encoder_width"] != init.config["xf_width"]:
         raise TrainError(f"--init {args.init} has text width {init.config['xf_width']} but a {args.model_size}-size "
                          f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "

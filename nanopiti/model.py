@@ -20,7 +20,7 @@ from .conditions import TASK_CHANNELS
 from .encoder import ConditionEncoder, add_text_encoder, encode_text
 from .unet import UNet
 
-UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels")
+UNET_KEYS = ("model_channels", "num_res_blocks", "channel_mult", "attention_ds", "num_head_channels", "norm_groups")
 
 class ModelError(ValueError):
     """A file or state dict that is not the model it should be; the message says what and why."""
@@ -29,7 +29,7 @@ class GlideText(UNet):
     """GLIDE's Text2ImUNet / SuperResText2ImUNet: the UNet with GLIDE's text encoder beside it."""
 
     def __init__(self, config):
-        unet = {k: config[k] for k in UNET_KEYS}
+        unet = {k: config[k] for k in UNET_KEYS if k in config}
         super().__init__(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
                          encoder_channels=config["xf_width"], cond_dim=config["xf_width"], **unet)
         add_text_encoder(self, config["text_ctx"], config["xf_width"], config["xf_layers"], config["xf_heads"],
@@ -47,7 +47,7 @@ class PITI(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        unet = {k: config[k] for k in UNET_KEYS}
+        unet = {k: config[k] for k in UNET_KEYS if k in config}
         width = config["encoder_width"]
         self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"],
                                         config.get("cond_size", 256), config.get("stem", "cnn"))
@@ -68,7 +68,7 @@ def base_config(kind="piti", super_res=False, task="mask"):
         kind=kind, super_res=super_res, image_size=256 if super_res else 64, model_channels=192,
         num_res_blocks=2 if super_res else 3, channel_mult=[1, 1, 2, 2, 4, 4] if super_res else [1, 2, 3, 4],
         attention_ds=[8, 16, 32] if super_res else [2, 4, 8],  # attention at 32, 16 and 8
-        num_head_channels=64, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        num_head_channels=64, norm_groups=32, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=128, xf_width=512, xf_layers=16, xf_heads=8, xf_final_ln=True, xf_padding=True,
                       n_vocab=50257)
@@ -86,6 +86,7 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
+        norm_groups=8,  # not GLIDE's 32: at 32 channels those are InstanceNorms (results.md, "The toy's colors")
         noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,
@@ -105,7 +106,7 @@ def build_model(config):
 def infer_config(state_dict, hints=None):
     """Read a model's hyper-parameters off its state dict's keys and shapes.
 
-    Head counts and the image size leave no trace in the weights: they come from `hints` (a
+    Head counts, norm groups and the image size leave no trace in the weights: they come from `hints` (a
     checkpoint's own config) or default to the released models' (64 channels per head, 8 heads
     in the transformers, 64x64 base / 256x256 upsampler)."""
     hints = hints or {}
@@ -137,7 +138,7 @@ def infer_config(state_dict, hints=None):
             attention_ds.append(2 ** level)
     config = dict(kind=kind, super_res=bool(super_res), model_channels=int(mc), num_res_blocks=per_level - 1,
                   channel_mult=mult, attention_ds=attention_ds,
-                  num_head_channels=hints.get("num_head_channels", 64),
+                  num_head_channels=hints.get("num_head_channels", 64), norm_groups=hints.get("norm_groups", 32),
                   image_size=hints.get("image_size", 256 if super_res else 64),
                   noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":

@@ -28,10 +28,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm over 32 groups, computed in fp32, with the following FiLM and SiLU fused in."""
+    """GroupNorm (GLIDE's 32 groups unless told), computed in fp32, with the following FiLM and SiLU
+    fused in. With one channel per group it is InstanceNorm and drops every channel's spatial mean."""
 
-    def __init__(self, channels: int, silu: bool):
-        super().__init__(32, channels)
+    def __init__(self, channels: int, silu: bool, groups: int = 32):
+        super().__init__(groups, channels)
         self.silu = silu
 
     def forward(self, x, scale=None, shift=None):
@@ -44,20 +45,20 @@ class ResBlock(nn.Module):
     norm and the first conv, on both the residual and the skip path (GLIDE's resblock_updown).
     """
 
-    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False):
+    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False, groups=32):
         super().__init__()
         out_channels = out_channels or channels
         # Module indices are kept as in GLIDE (in_layers.0/.2, out_layers.0/.3) so that the
         # checkpoints load; the SiLUs are fused into the norms and every released model has
         # dropout 0, so their slots hold Identity.
-        self.in_layers = nn.Sequential(GroupNorm32(channels, silu=True), nn.Identity(),
+        self.in_layers = nn.Sequential(GroupNorm32(channels, True, groups), nn.Identity(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))  # scale and shift
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(),
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, groups), nn.Identity(),
                                         nn.Identity(), out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
@@ -82,10 +83,10 @@ class AttentionBlock(nn.Module):
     `head_channels` each, and `encoder_kv`'s as [k | v]; the condition keys come first.
     """
 
-    def __init__(self, channels, num_head_channels, encoder_channels=None):
+    def __init__(self, channels, num_head_channels, encoder_channels=None, groups=32):
         super().__init__()
         self.num_heads = channels // num_head_channels
-        self.norm = GroupNorm32(channels, silu=False)
+        self.norm = GroupNorm32(channels, False, groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1) if encoder_channels else None
         self.proj_out = nn.Conv1d(channels, channels, 1)
@@ -129,7 +130,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
                  attention_ds=(2, 4, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
-                 encoder_channels=None, cond_dim=None, super_res=False, grad_checkpointing=False):
+                 encoder_channels=None, cond_dim=None, super_res=False, grad_checkpointing=False, norm_groups=32):
         super().__init__()
         self.model_channels, self.super_res = model_channels, super_res
         self.grad_checkpointing = grad_checkpointing
@@ -137,10 +138,10 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
         def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, ch_out, **kw)
+            return ResBlock(ch_in, emb_dim, ch_out, groups=norm_groups, **kw)
 
         def attn(ch):
-            return AttentionBlock(ch, num_head_channels, encoder_channels)
+            return AttentionBlock(ch, num_head_channels, encoder_channels, norm_groups)
 
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
@@ -172,7 +173,7 @@ class UNet(nn.Module):
         out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)
         nn.init.zeros_(out_conv.bias)
-        self.out = nn.Sequential(GroupNorm32(ch, silu=True), nn.Identity(), out_conv)
+        self.out = nn.Sequential(GroupNorm32(ch, True, norm_groups), nn.Identity(), out_conv)
         if cond_dim is not None:
             self.transformer_proj = nn.Linear(cond_dim, emb_dim)
 

@@ -82,6 +82,27 @@ def test_toy_patch_stem_is_a_projection_of_patch_means():
     torch.testing.assert_close(model.encoder.cnn(cond), expected)
 
 
+def test_toy_unet_passes_its_input_mean_through_its_norms():
+    # At high noise eps ~ x_t, so the predicted noise must follow x_t's mean color. GLIDE's 32 groups
+    # over the toy's 32 channels are InstanceNorms, which drop every channel's mean: shifting x_t's
+    # red channel then hardly moves the prediction's mean. 8 groups of 4 channels keep it.
+    shift = torch.zeros(1, 3, 1, 1)
+    shift[0, 0] = 0.1
+    moved = {}
+    for groups in (32, 8):
+        torch.manual_seed(0)
+        model = build_model(dict(nanopiti.toy_config(), norm_groups=groups)).eval()
+        for conv in model.decoder.modules():  # the zero-initialized output convolutions, made random
+            if isinstance(conv, torch.nn.Conv2d) and not conv.weight.any():
+                torch.nn.init.normal_(conv.weight, std=0.05)
+        x, t, cond = torch.randn(4, 3, 32, 32), torch.full((4,), 900), torch.rand(4, 3, 128, 128) * 2 - 1
+        with torch.no_grad():
+            eps = model(x, t, cond=cond)[:, :3], model(x + shift, t, cond=cond)[:, :3]
+        moved[groups] = (eps[1] - eps[0]).mean((2, 3)).abs().mean()
+    assert nanopiti.toy_config()["norm_groups"] == 8
+    assert moved[8] > 10 * moved[32]  # measured 1.0e-2 vs 2.4e-4
+
+
 def test_toy_encoder_starts_with_2d_positions_and_identity_blocks():
     torch.manual_seed(0)
     encoder = build_model(nanopiti.toy_config("piti")).encoder  # 8x8 tokens, 64 wide
@@ -101,11 +122,11 @@ def test_toy_encoder_starts_with_2d_positions_and_identity_blocks():
 
 @pytest.mark.parametrize("stem", ["patch", "cnn"])
 def test_toy_configs_read_back_off_the_weights(stem):
-    # the shipped toy models of both stems load by their keys alone (the head counts are hints)
+    # the shipped toy models of both stems load by their keys alone (head counts and norm groups are hints)
     config = dict(nanopiti.toy_config("piti", super_res=True), stem=stem)
     with torch.device("meta"):
         model = build_model(config)
-    hints = {k: config[k] for k in ("num_head_channels", "image_size", "encoder_heads")}
+    hints = {k: config[k] for k in ("num_head_channels", "norm_groups", "image_size", "encoder_heads")}
     assert infer_config(model.state_dict(), hints) == config
 
 
