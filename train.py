@@ -496,8 +496,7 @@ def train(args):
             if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
                 log.flush()  # the log lines of the steps this checkpoint covers reach the disk first
                 os.fsync(log.fileno())
-                path = os.path.join(args.out, "latest.pt")
-                save_checkpoint(checkpoint_state(step + 1), path)
+                save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, "latest.pt"))
                 if args.keep_every and (step + 1) % args.keep_every == 0:
                     save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, f"step_{step + 1:06d}.pt"))
     bar.close()
