@@ -138,14 +138,12 @@ class GaussianDiffusion:
         # New betas that keep the original abar: 1 - beta'_k = abar(t_k) / abar(t_{k-1}).
         base_abar = torch.cumprod(1.0 - base_betas, dim=0)[self.timestep_map]
         betas = 1.0 - base_abar / torch.cat([torch.ones(1, dtype=torch.float64), base_abar[:-1]])
-        self.betas = betas
-        self.num_timesteps = len(betas)
+        self.betas, self.num_timesteps = betas, len(betas)
 
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, dim=0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        self.alphas_cumprod = abar
-        self.alphas_cumprod_prev = abar_prev
+        self.alphas_cumprod, self.alphas_cumprod_prev = abar, abar_prev
         self.sqrt_alphas_cumprod = abar.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / abar).sqrt()
@@ -155,21 +153,18 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t).
         self.posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # beta~_0 = 0, so its log is replaced by log beta~_1 (the "clipped" log).
-        self.posterior_log_variance_clipped = torch.cat(
-            [self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
+        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 
     @staticmethod
     def _extract(arr, t, x):
         """arr[t] as x's dtype, shaped [B, 1, 1, ...] to broadcast against x."""
-        out = arr.to(t.device)[t].to(x.dtype)
-        return out.view(-1, *([1] * (x.ndim - 1)))
+        return arr.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t):
         """The timestep the network sees: the original step, on a 0..1000 scale."""
-        steps = self.timestep_map.to(t.device)[t]
-        return steps.float() * (1000.0 / self.original_num_steps)
+        return self.timestep_map.to(t.device)[t].float() * (1000.0 / self.original_num_steps)
 
     def _split_output(self, model_output, x):
         B, C = x.shape[:2]
