@@ -242,9 +242,8 @@ def model_kwargs(model, batch, device, drop=None):
     elif "text" in batch:
         kwargs = {"text": batch["text"].to(device), "text_mask": batch["text_mask"].to(device)}
     else:
-        pairs = [ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]]
-        kwargs = {"text": torch.stack([p[0] for p in pairs]).to(device),
-                  "text_mask": torch.stack([p[1] for p in pairs]).to(device)}
+        text, mask = zip(*[ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]])
+        kwargs = {"text": torch.stack(text).to(device), "text_mask": torch.stack(mask).to(device)}
     null = {k: (torch.ones_like if k == "cond" else torch.zeros_like)(v) for k, v in kwargs.items()}
     if drop is not None:
         kwargs = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in kwargs.items()}
@@ -346,8 +345,7 @@ def train(args):
     if args.stage == "up" and args.perc_weight > 0:  # --random-vgg: VGGPerceptual warns
         vgg = VGGPerceptual(args.vgg_weights, allow_random=args.random_vgg).to(device)
     if args.stage == "up" and args.adv_weight > 0:
-        disc = PatchDiscriminator().to(device)
-        disc.requires_grad_(False)  # only the discriminator step turns its gradients on
+        disc = PatchDiscriminator().to(device).requires_grad_(False)  # only the critic step turns its gradients on
         disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
 
     # Everything a checkpoint holds besides the model (see nanopiti/checkpoint.py), by its key.
@@ -369,10 +367,9 @@ def train(args):
     # Data: this process's slice of every global batch, from the resumed step on.
     dataset = make_dataset(args, config, "train")
     n_pairs = min(args.limit or len(dataset), len(dataset))  # --limit: the first N pairs only
-    batches = torch.utils.data.DataLoader(
-        EpochIndexed(dataset), batch_sampler=StepBatches(n_pairs, args.batch_size, rank, world, args.seed,
-                                                         start, args.max_steps),
-        num_workers=args.workers, collate_fn=collate_skip_none, pin_memory=cuda)
+    sampler = StepBatches(n_pairs, args.batch_size, rank, world, args.seed, start, args.max_steps)
+    batches = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=args.workers,
+                                          collate_fn=collate_skip_none, pin_memory=cuda)
     if master:
         if args.sample_every > 0:
             val = make_dataset(args, config, "val")
