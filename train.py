@@ -75,7 +75,7 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch ops instead of the Triton kernels")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward (toy CPU: 1.2x)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (toy CPU: 1.2x after ~2 min)")
     p.add_argument("--perc-weight", type=float, default=0.004, help="stage up: perceptual loss weight (eq. 4)")
     p.add_argument("--adv-weight", type=float, default=0.01, help="stage up: adversarial loss weight (eq. 5)")
     p.add_argument("--gan-loss", choices=GAN_LOSSES, default="wgan-gp")
