@@ -282,8 +282,7 @@ class GaussianDiffusion:
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 

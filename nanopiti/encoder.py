@@ -141,8 +141,7 @@ class ConditionEncoder(nn.Module):
         x = self.final_ln(self.transformer(torch.cat([x, cls], dim=1)))
         return x[:, -1], x[:, :-1].transpose(1, 2)
 
-def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257,
-                     final_ln=True, padding=True):
+def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257, final_ln=True, padding=True):
     """Give `module` GLIDE's text encoder (embeddings, transformer, final LayerNorm), attached to the model itself
     as GLIDE's checkpoints store it beside the UNet's parameters."""
     module.transformer = Transformer(width, layers, heads)

@@ -53,8 +53,7 @@ class ResBlock(nn.Module):
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(),
-                                        nn.Identity(), out_conv)
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, silu=True), nn.Identity(), nn.Identity(), out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
