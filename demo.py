@@ -3,16 +3,11 @@
     python demo.py                                      # the shipped toy models, http://127.0.0.1:8000/
     python demo.py --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --device cuda   # released COCO-Stuff models
 
-The page (demo.html) paints a label map with the model's class palette, or a sketch (white lines
-on black) for sketch models, and sends it here; the server samples it with sample.generate, the
-very function sample.py uses, and answers with the base model's and the upsampler's pictures.
-Same condition, settings and seed give the same pictures as
-
-    python sample.py --cond canvas.png --steps STEPS --w W --guidance GUIDANCE --num N --seed SEED
-
-The server is Python's http.server: one thread per request, but one sampling at a time (a lock;
-the others wait their turn); the page polls /api/progress for its progress bar. It listens on
-the loopback address only, unless --host says otherwise.
+The page (demo.html) paints a label map in the model's palette, or a sketch (white lines on black); the server
+samples it with sample.generate, as sample.py does: the same condition, settings and seed give the pictures of
+`python sample.py --cond canvas.png --steps STEPS --w W --guidance GUIDANCE --num N --seed SEED`.
+The server is Python's http.server, a thread per request but one sampling at a time (a lock); the page polls
+/api/progress for its progress bar. It listens on the loopback address only, unless --host says otherwise.
 
 API (JSON answers; a bad request gets HTTP 400 and {"error": "one line: what is wrong, what to do"}):
     GET  /                      the page
@@ -53,8 +48,7 @@ from toyworld.world import HELDOUT_SEED0, TOY_CLASSES, TOY_COLORS, render_scene
 PAGE = Path(__file__).resolve().parent / "demo.html"
 PALETTE_TABLES = {"toy": TOY_COLORS, **PALETTES}  # class value -> color, per world
 CLASS_NAMES = {"toy": TOY_CLASSES, "coco": COCO_STUFF_CLASSES}  # ADE20K's classes are shown by number
-# The page's defaults: 25 DDPM steps for the base model (the toy ablations' setting) and the
-# upsampler's fast27, as sample.py samples it; guidance as sample.py's default.
+# The page's defaults: 25 DDPM base steps (the toy ablations'), the upsampler as sample.py samples it.
 DEFAULTS = {"w": sample.DEFAULT_W, "guidance": "ncf", "steps": 25, "seed": 0, "num": 1}
 SR_STEPS, SR_TEMPERATURE = "fast27", 0.997
 MAX_STEPS = 1000  # every GLIDE and PITI model was trained over 1000 steps (nanopiti.diffusion.model_diffusion)
@@ -118,8 +112,7 @@ class Demo:
     # --- conditions: what the canvas holds ---
 
     def canvas(self, data):
-        """Picture file bytes -> the canvas: size x size x 3 uint8 label colors (mask) or white
-        lines on black (sketch), resized with nearest neighbour as the model's input is."""
+        """Picture file bytes -> the canvas, size x size x 3 uint8 (nearest neighbour): label colors or white lines."""
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
             too_big = img.width * img.height > MAX_PIXELS
@@ -181,10 +174,8 @@ class Demo:
         sizes = {self.size} | ({self.sr.config["cond_size"]} if self.sr else set())
         conds = {s: load_condition_image(io.BytesIO(png.getvalue()), self.task, size=s) for s in sizes}
         job = str(body.get("job", ""))[:64]
-
         def report(stage, done, total):
             self.progress = {"job": job, "stage": stage, "done": done, "total": total}
-
         with self.lock:  # the other requests wait here for their turn
             report("base", 0, settings["steps"])
             n = settings["num"]  # as sample.py --num n: one batch of n copies of the condition, one generator
@@ -290,9 +281,7 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
     p.add_argument("--dtype", choices=sorted(sample.DTYPES), help="autocast dtype on GPU (default bf16)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads (the toy models' tensors are small: one is as fast as two, and "
-                        "does not stall when other programs share the cores)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (for the toy models one is as fast as two)")
     return p.parse_args(argv)
 
 def make_server(args):

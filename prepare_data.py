@@ -16,6 +16,7 @@ import functools
 import glob
 import os
 import sys
+from collections import Counter
 from multiprocessing import Pool
 
 import numpy as np
@@ -36,16 +37,13 @@ class PrepareError(Exception):
 
 # --- Downloading (nanopiti/download.py: resumable, verified), then unpacking ---
 
-# name -> [(url, md5 or None, folder to unpack into (relative to --root), a glob that matches
-#           once the archive is unpacked)]
+# name -> [(url, md5 or None, folder to unpack into (relative to --root), a glob matching once it is unpacked)]
 ARCHIVES = {
     "ade20k": [("http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
                 "7328b3957e407ddae1d3cbf487f149ef", ".", "ADEChallengeData2016/images/training/*.jpg")],
     "coco": [
-        ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2", ".",
-         "train2017/*.jpg"),
-        ("http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80", ".",
-         "val2017/*.jpg"),
+        ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2", ".", "train2017/*.jpg"),
+        ("http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80", ".", "val2017/*.jpg"),
         ("http://calvin.inf.ed.ac.uk/wp-content/uploads/data/cocostuffdataset/stuffthingmaps_trainval2017.zip",
          None, "stuffthingmaps_trainval2017", "stuffthingmaps_trainval2017/val2017/*.png"),
     ],
@@ -87,9 +85,8 @@ def _nearest(arr, size):
     return arr[rows][:, cols]
 
 def _photo_pair(job, folders, conditions):
-    """Write a photo resized to --size and its condition PNGs, one per folder, made by
-    conditions(photo, resized photo) (a DataError there writes nothing); return the list line.
-    Outputs that exist already are kept, unless --overwrite."""
+    """Write a photo resized to --size and its condition PNGs (one per folder) of conditions(photo, resized photo),
+    unless they exist and not --overwrite (a DataError writes nothing); return the list line."""
     photo, out, split, size, overwrite = job
     stem = os.path.splitext(os.path.basename(photo))[0]
     rel_img, rels = f"{split}/images/{stem}.jpg", [f"{split}/{folder}/{stem}.png" for folder in folders]
@@ -105,7 +102,6 @@ def _photo_pair(job, folders, conditions):
 def _mask_pair(job, palette):
     """((photo, class-index label map), ...) -> resized photo + color-coded label map."""
     (photo, label_path), *rest = job
-
     def conditions(image, resized):
         label = open_image(label_path)
         if label.mode not in ("L", "P", "I", "I;16"):
@@ -192,9 +188,7 @@ def finish(out, lists, skipped, n_inputs):
     with open(os.path.join(out, "skipped.txt"), "w", encoding="utf-8") as f:
         f.writelines(f"{reason}\t{message}\n" for reason, message in skipped)
     if skipped:
-        counts = {}
-        for reason, _ in skipped:
-            counts[reason] = counts.get(reason, 0) + 1
+        counts = Counter(reason for reason, _ in skipped)
         detail = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
         print(f"skipped {len(skipped)} of {n_inputs} inputs ({detail}); see {os.path.join(out, 'skipped.txt')}",
               file=sys.stderr)
@@ -206,16 +200,14 @@ def _files(folder, ext):
 
 def require(name, root, parts):
     """parts: {description: [files]}; raise one line naming every empty part."""
-    missing = [desc for desc, files in parts.items() if not files]
-    if missing:
+    if missing := [desc for desc, files in parts.items() if not files]:
         state = "not found" if len(missing) == len(parts) else "incomplete"
         raise PrepareError(f"{name} {state} under {root}: expected {'; '.join(missing)}; fetch it with: "
                            f"python prepare_data.py --data {DATA_KEYS[name]} --root {root} --download "
                            f"(downloads {' '.join(a[0] for a in ARCHIVES[DATA_KEYS[name]])})")
 
 def prepare_splits(args, fn, found, task, workers, unpaired=()):
-    """Run `fn` on the inputs of every split; write {split}_{task}.txt and skipped.txt (inputs
-    `unpaired` with their partner first)."""
+    """Run `fn` on every split's inputs; write {split}_{task}.txt and skipped.txt (`unpaired` inputs first)."""
     lists, skipped = {}, list(unpaired)
     for split, inputs in found.items():
         jobs = [(p, args.out, split, args.size, args.overwrite) for p in inputs]
@@ -301,8 +293,7 @@ def check_args(args):
     if os.path.exists(args.root) and not os.path.isdir(args.root):
         raise PrepareError(f"--root {args.root} is a file; give the folder that holds (or will hold) the dataset")
     for flag, folder in (("--out", args.out), ("--root", args.root if args.download else None)):
-        problem = folder and folder_problem(folder)
-        if problem:
+        if problem := folder and folder_problem(folder):
             raise PrepareError(f"{flag} {folder}: {problem}; give a folder that can be written")
 
 def main(argv=None):

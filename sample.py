@@ -3,16 +3,15 @@
     python sample.py --cond mask.png                          # the shipped toy models
     python sample.py --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --cond mask.png --palette coco
 
-1. The base model (64x64 for the released models) denoises pure noise in `--steps` steps (250 in
-   the paper), guided by the condition (section 3.4): the conditional and the null condition (an
-   all-ones `cond`) run in one batched forward, their noise predictions combined by normalized
+1. The base model (64x64 released) denoises noise in `--steps` steps (250 in the paper), guided (section 3.4):
+   conditional and null condition (all-ones `cond`) in one batched forward, combined by normalized
    classifier-free guidance (eq. 8), plain CF (eq. 7) or not at all.
-2. The result is quantized to 8 bits, the form the upsampler saw in training (pictures from files).
-3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given that
-   picture and the same condition, without guidance, as the PITI release does.
+2. The result is quantized to 8 bits, the form the upsampler saw in training.
+3. The upsampler (256x256) denoises noise scaled by 0.997 in 27 steps ("fast27"), given that picture and the
+   same condition, without guidance, as the PITI release does.
 
-Every random number comes from one torch.Generator seeded by --seed, on the sampling device. On a
-GPU the decoder's forward is replayed as a CUDA graph (docs/sampling.md; bench.py times it).
+Every random number comes from one torch.Generator seeded by --seed, on the sampling device. On a GPU the
+decoder's forward is replayed as a CUDA graph (docs/sampling.md; bench.py times it).
 """
 
 import argparse
@@ -81,11 +80,8 @@ def check_pair(base, sr, task):
     return model_task
 
 def find_conditions(spec, task):
-    """--cond -> list of condition paths: one image, every image in a folder, or a list file.
-
-    A depth condition is a "normal.png,depth.png" pair or a *_depth.png next to its *_normal.png
-    (see nanopiti.data.load_condition_image); a folder of depth conditions is its *_depth.png files.
-    """
+    """--cond -> condition paths: one image, a folder's images (depth: its *_depth.png), or a list file.
+    Depth: "normal.png,depth.png" or a *_depth.png next to its *_normal.png (load_condition_image)."""
     if task == "depth" and "," in spec:
         return [spec]
     path = Path(spec)
@@ -157,10 +153,8 @@ def _autocast(device, dtype):
     return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and dtype != torch.float32)
 
 def encode(model, cond, dtype):
-    """The task encoder's output for a batch of conditions, as decoder keyword arguments.
-
-    The encoder depends on the condition only, not on x_t or t, so it runs once per batch
-    instead of at every step (the PITI release reruns it at every step, 250 times)."""
+    """The task encoder's output as decoder keyword arguments: once per batch, as it does not depend on x_t or t
+    (the PITI release reruns it at every step)."""
     with _autocast(cond.device, dtype):
         pooled, tokens = model.encode(cond)
     return {"pooled": pooled, "tokens": tokens}
@@ -175,11 +169,8 @@ def decoder_call(model, dtype, cuda_graph=False):
 
 def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
                 generator=None, dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
-    """Base-model samples, B x 3 x S x S in [-1, 1], for a batch of conditions B x C x H x W.
-
-    The null condition of the released PITI models is an all-ones `cond`; both branches run in one
-    batched forward of the decoder (nanopiti.guidance.make_guided_model_fn).
-    """
+    """Base-model samples, B x 3 x S x S in [-1, 1], for conditions B x C x H x W; the null condition (all-ones
+    `cond`) and the condition run in one batched forward (nanopiti.guidance.make_guided_model_fn)."""
     size = model.config["image_size"]
     null = encode(model, torch.ones_like(cond), dtype) if guidance != "none" else {}
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), encode(model, cond, dtype), null,
@@ -191,10 +182,8 @@ def sample_base(model, cond, *, w=DEFAULT_W, guidance="ncf", steps="250", sample
 
 def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997, generator=None,
                      dtype=torch.float32, cuda_graph=False, progress=True, callback=None):
-    """Upsampled samples, B x 3 x S x S, from the (quantized) base samples `low_res`.
-
-    Conditional only and ancestral, with x_T scaled by `temperature`, as the PITI release samples it.
-    """
+    """Upsampled samples, B x 3 x S x S, from the quantized base samples `low_res`: conditional only, ancestral,
+    x_T scaled by `temperature`, as the PITI release samples it."""
     size = model.config["image_size"]
     condition = {**encode(model, cond, dtype), "low_res": low_res}
     model_fn = make_guided_model_fn(decoder_call(model, dtype, cuda_graph), condition, {}, 0.0, "none")
@@ -205,15 +194,10 @@ def sample_upsampler(model, cond, low_res, *, steps="fast27", temperature=0.997,
 def generate(base, sr, cond, sr_cond=None, *, w=DEFAULT_W, guidance="ncf", steps="250", sampler="ddpm",
              sr_steps="fast27", sr_temperature=0.997, generator=None, dtype=torch.float32, cuda_graph=False,
              progress=True, callback=None):
-    """The two-stage pipeline for one batch: (base samples, upsampled samples or None without `sr`).
-
-    `cond` is the batch of conditions at the base model's condition size, `sr_cond` at the
-    upsampler's. `callback(stage, done, total)` is called after every step, stage "base" or
-    "upsampler" (demo.py draws its progress bar with it). sample.py and demo.py both sample here.
-    """
+    """The two-stage pipeline for one batch (sample.py's and demo.py's): (base samples, upsampled or None).
+    `cond`, `sr_cond`: the conditions at each model's size; `callback(stage, done, total)` after every step."""
     def stage(name):
         return None if callback is None else lambda done, total: callback(name, done, total)
-
     speed = dict(generator=generator, dtype=dtype, cuda_graph=cuda_graph, progress=progress)
     low = sample_base(base, cond, w=w, guidance=guidance, steps=steps, sampler=sampler,
                       callback=stage("base"), **speed)

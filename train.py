@@ -1,5 +1,4 @@
-"""Train nanopiti: one loop for every stage of the paper's method (section 3), on a CPU, a GPU, or
-many GPUs with torchrun.
+"""Train nanopiti: one loop for every stage of the paper's method (section 3), on a CPU, a GPU or many GPUs.
 
     python train.py --stage 0 --data toy --model base        # text-to-image prior, from scratch
     python train.py --stage 1 --data ade20k --init checkpoints/base.pt   # new task encoder, frozen decoder
@@ -7,11 +6,9 @@ many GPUs with torchrun.
     python train.py --stage up --data ade20k --init checkpoints/upsample.pt --vgg-weights checkpoints/vgg19-dcbccd4d.pth
     torchrun --nproc_per_node 8 train.py --stage 1 ...         # the same on 8 GPUs
 
-Stage 1 builds a PITI model from a prior (`initial_model`, section 3.3) and trains only its new
-task encoder; stage 2 finetunes encoder and decoder; stage up adds the perceptual (eq. 4) and
-adversarial (eq. 5) losses. Randomness is drawn for the whole global batch from one generator that
-every process holds, and each process takes its slice: N processes compute what one would, and
-`--resume` continues bit for bit. docs/training.md has the details, the recipes and what a run writes.
+Stage up adds the perceptual (eq. 4) and adversarial (eq. 5) losses. Every process draws the global batch's
+randomness from one shared generator and keeps its slice: N processes compute what one would, and --resume
+continues bit for bit. docs/training.md has the details, the recipes and what a run writes.
 """
 
 import argparse
@@ -73,13 +70,12 @@ def get_args(argv=None):
     p.add_argument("--ema", type=float, default=0.9999, help="EMA decay (warmed up as min(ema, (1+n)/(10+n)))")
     p.add_argument("--uncond-p", type=float, help="null-condition probability (default 0.2; 0 for stage up)")
     p.add_argument("--timesteps", choices=["uniform", "loss-aware", "high-noise"], default="uniform",
-                   help="timestep sampling (high-noise: p(t) proportional to t, the toy recipe)")
+                   help="high-noise: p(t) proportional to t, the toy recipe")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: no clipping)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (GPU only)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute UNet blocks in the backward")
     p.add_argument("--no-kernels", action="store_true", help="use the PyTorch ops instead of the Triton kernels")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward (toy on a 2-core CPU: 1.2x, after ~2 min of compiling)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward (toy CPU: 1.2x after ~2 min)")
     p.add_argument("--perc-weight", type=float, default=0.004, help="stage up: perceptual loss weight (eq. 4)")
     p.add_argument("--adv-weight", type=float, default=0.01, help="stage up: adversarial loss weight (eq. 5)")
     p.add_argument("--gan-loss", choices=GAN_LOSSES, default="wgan-gp")
@@ -94,8 +90,7 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", default="50", help="respacing of the preview sampler")
     p.add_argument("--sample-w", type=float, default=0.5, help="NCF guidance strength of the previews")
     p.add_argument("--toy-scenes", type=int, default=TOY_SCENES)
-    p.add_argument("--copy-task", action="store_true",
-                   help="toy masks: each image is its own label map, a quick check that the condition path learns")
+    p.add_argument("--copy-task", action="store_true", help="toy masks: each image is its own label map")
     p.add_argument("--workers", type=int, default=2, help="data loader processes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -112,7 +107,6 @@ def check_args(args):
     def need(ok, name, what):
         if not ok:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(args, name)}: {what}")
-
     for name in ("max_steps", "batch_size", "log_every", "num_samples", "toy_scenes"):
         need(getattr(args, name) >= 1, name, "must be at least 1")
     for name in ("micro_batch", "limit"):
@@ -144,26 +138,21 @@ def check_args(args):
             model_diffusion("linear", args.sample_steps)
         except DiffusionError as e:
             raise TrainError(f"--sample-steps: {e}") from None
-    problem = folder_problem(args.out)
-    if problem:
+    if problem := folder_problem(args.out):
         raise TrainError(f"--out {args.out}: {problem}; give a folder this run can write to")
     if not args.resume:  # a fresh run never wipes another run's log and checkpoint
-        found = [n for n in ("latest.pt", "log.jsonl", "args.json") if os.path.exists(os.path.join(args.out, n))]
-        if found:
+        if found := [n for n in ("latest.pt", "log.jsonl", "args.json") if os.path.exists(os.path.join(args.out, n))]:
             raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
                              "--resume auto, or give a new --out")
 
 # --- the model each stage starts from (paper section 3.3) ---
 
-INIT_HINT = {
-    "1": ("stage 1 expects a text prior: GLIDE's base.pt (python -m nanopiti.download glide-base) or a stage-0 "
-          "checkpoint (python train.py --stage 0)"),
-    "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
-    "up": ("stage up expects GLIDE's upsample.pt (python -m nanopiti.download glide-upsample) or a stage-0 "
-           "upsampler (python train.py --stage 0 --model upsample)"),
-}
-# The text encoder's parameters in a GLIDE checkpoint: everything else is the UNet.
-TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")
+INIT_HINT = {"1": "stage 1 expects a text prior: GLIDE's base.pt (python -m nanopiti.download glide-base) or a "
+                 "stage-0 checkpoint (python train.py --stage 0)",
+             "2": "stage 2 expects a stage-1 checkpoint (python train.py --stage 1), a text prior, or 'scratch'",
+             "up": "stage up expects GLIDE's upsample.pt (python -m nanopiti.download glide-upsample) or a stage-0 "
+                   "upsampler (python train.py --stage 0 --model upsample)"}
+TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")  # not UNet
 
 def template(args, kind, super_res):
     """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
@@ -172,8 +161,7 @@ def template(args, kind, super_res):
     return base_config(kind, super_res, args.task)
 
 def read_init(args):
-    """--init as a model: a nanopiti checkpoint keeps its own config; a released state dict gets
-    the head counts and image size of --model-size, which its weights do not record."""
+    """--init as a model; a released state dict gets --model-size's head counts and image size (not in its weights)."""
     try:
         obj = torch.load(args.init, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -189,10 +177,8 @@ def read_init(args):
         raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
 
 def initial_model(args):
-    """The model a fresh run starts from. Stage 0: a new text prior. Stage 1 (and stage 2 or up
-    from a prior): the paper's surgery, below. Stage 2: the stage-1 model ('scratch': the same
-    architecture, untrained: the paper's from-scratch baseline). train() then freezes the
-    decoder in stage 1, so that only the new encoder learns."""
+    """The model a fresh run starts from: stage 0 a new text prior; stage 1 (2 or up from a prior) the surgery of
+    section 3.3; stage 2 the stage-1 model ('scratch': untrained, the paper's from-scratch baseline)."""
     if args.stage == "0":
         if args.init:
             raise TrainError("stage 0 trains a text prior from scratch and takes no --init")
@@ -211,9 +197,8 @@ def initial_model(args):
         if init.config["task"] != args.task:
             raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
         return init
-    # The surgery: the decoder is the prior's UNet, `transformer_proj` included (the pooled
-    # condition keeps its path into the timestep embedding); the text encoder is dropped and a
-    # new task encoder of the same width takes its place.
+    # The surgery: the decoder is the prior's UNet, `transformer_proj` included; a new task encoder of the same
+    # width replaces the text encoder.
     config = template(args, "piti", init.config["super_res"])
     config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule") if k in init.config})
     if config["encoder_width"] != init.config["xf_width"]:
@@ -249,20 +234,16 @@ def make_dataset(args, config, split):
     return PairedDataset(path, args.task, random_crop=split == "train", random_flip=split == "train", **kw)
 
 def model_kwargs(model, batch, device, drop=None):
-    """(kwargs, null kwargs): the model's keyword arguments for a batch, and their null condition.
-
-    PITI: cond, the condition picture; its null is all ones (as the released models).
-    GLIDE: text and text_mask of the caption; its null is the empty caption (all padding).
-    `drop` (B,) bool replaces the condition by the null one: classifier-free dropout."""
+    """(kwargs, null kwargs) of a batch: PITI's cond (null: all ones, as released) or GLIDE's caption tokens
+    (null: all padding). `drop` (B,) bool swaps in the null condition: classifier-free dropout."""
     config = model.config
     if config["kind"] == "piti":
         kwargs = {"cond": batch["cond"].to(device)}
     elif "text" in batch:
         kwargs = {"text": batch["text"].to(device), "text_mask": batch["text_mask"].to(device)}
     else:
-        pairs = [ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]]
-        kwargs = {"text": torch.stack([p[0] for p in pairs]).to(device),
-                  "text_mask": torch.stack([p[1] for p in pairs]).to(device)}
+        text, mask = zip(*[ToyTokenizer().encode(c, config["text_ctx"]) for c in batch["caption"]])
+        kwargs = {"text": torch.stack(text).to(device), "text_mask": torch.stack(mask).to(device)}
     null = {k: (torch.ones_like if k == "cond" else torch.zeros_like)(v) for k, v in kwargs.items()}
     if drop is not None:
         kwargs = {k: torch.where(drop.view(-1, *(1,) * (v.dim() - 1)), null[k], v) for k, v in kwargs.items()}
@@ -321,8 +302,7 @@ def train(args):
     ckpt = load_checkpoint(resume) if resume else None
     torch.manual_seed(args.seed)
     if ckpt is not None:
-        missing = [k for k in ("ema", "optimizer", "rng") if k not in ckpt]
-        if missing:
+        if missing := [k for k in ("ema", "optimizer", "rng") if k not in ckpt]:
             raise TrainError(f"--resume {resume}: it holds weights only (an exported model, no {', '.join(missing)}); "
                              f"start a new run from it with --init {resume}")
         what = f"{ckpt['config']['kind']} {'upsampler' if ckpt['config']['super_res'] else 'base'}"
@@ -362,13 +342,10 @@ def train(args):
 
     # The upsampler's extra losses: perceptual (frozen VGG) and adversarial (its own optimizer).
     vgg = disc = disc_opt = None
-    if args.stage == "up" and args.perc_weight > 0:
-        if not args.vgg_weights and master:
-            print("WARNING: --random-vgg: the perceptual loss uses RANDOM VGG features, not the paper's", file=sys.stderr)
+    if args.stage == "up" and args.perc_weight > 0:  # --random-vgg: VGGPerceptual warns
         vgg = VGGPerceptual(args.vgg_weights, allow_random=args.random_vgg).to(device)
     if args.stage == "up" and args.adv_weight > 0:
-        disc = PatchDiscriminator().to(device)
-        disc.requires_grad_(False)  # only the discriminator step turns its gradients on
+        disc = PatchDiscriminator().to(device).requires_grad_(False)  # only the critic step turns its gradients on
         disc_opt = torch.optim.Adam(disc.parameters(), lr=args.disc_lr)
 
     # Everything a checkpoint holds besides the model (see nanopiti/checkpoint.py), by its key.
@@ -390,10 +367,9 @@ def train(args):
     # Data: this process's slice of every global batch, from the resumed step on.
     dataset = make_dataset(args, config, "train")
     n_pairs = min(args.limit or len(dataset), len(dataset))  # --limit: the first N pairs only
-    batches = torch.utils.data.DataLoader(
-        EpochIndexed(dataset), batch_sampler=StepBatches(n_pairs, args.batch_size, rank, world, args.seed,
-                                                         start, args.max_steps),
-        num_workers=args.workers, collate_fn=collate_skip_none, pin_memory=cuda)
+    sampler = StepBatches(n_pairs, args.batch_size, rank, world, args.seed, start, args.max_steps)
+    batches = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=args.workers,
+                                          collate_fn=collate_skip_none, pin_memory=cuda)
     if master:
         if args.sample_every > 0:
             val = make_dataset(args, config, "val")
@@ -413,8 +389,7 @@ def train(args):
         t0 = time.perf_counter()
         if batch is None or batch["image"].shape[0] != local_batch:
             raise TrainError("too many unreadable pairs in a row to fill a batch; see the warnings above")
-        # Randomness for the whole global batch, drawn identically on every process; this
-        # process keeps its slice (see the module docstring).
+        # Randomness for the whole global batch, drawn identically on every process, which keeps its slice.
         b = args.batch_size
         if loss_aware is not None:
             t_all, w_all = loss_aware.sample(b, device, generator)
@@ -518,8 +493,7 @@ def train(args):
             if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
                 log.flush()  # the log lines of the steps this checkpoint covers reach the disk first
                 os.fsync(log.fileno())
-                path = os.path.join(args.out, "latest.pt")
-                save_checkpoint(checkpoint_state(step + 1), path)
+                save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, "latest.pt"))
                 if args.keep_every and (step + 1) % args.keep_every == 0:
                     save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, f"step_{step + 1:06d}.pt"))
     bar.close()

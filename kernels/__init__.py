@@ -5,10 +5,8 @@
                                                           kernels/groupnorm_silu.py
     kernels.kernels_available(tensor) -> bool             whether to take the kernel path
 
-The PyTorch code in the model stays the readable reference (nanopiti/ops.py); it takes the kernel
-path only when `kernels_available(x)` says so: for CUDA tensors when Triton imports, unless
-NANOPITI_KERNELS=0; with NANOPITI_KERNELS=1 also for CPU tensors, which only works with
-TRITON_INTERPRET=1 set before `kernels` is imported (Triton's numpy interpreter: slow, for tests).
+nanopiti/ops.py, the readable PyTorch reference, dispatches here when `kernels_available(x)` (see there); the
+CPU path of NANOPITI_KERNELS=1 needs TRITON_INTERPRET=1 set before `kernels` is imported.
 """
 
 import os

@@ -1,11 +1,9 @@
 """Training checkpoints: written atomically, read back safely (docs/training.md lists their keys).
 
-A checkpoint is one dict that `torch.load(..., weights_only=True)` can read, so `nanopiti.load_model`
-accepts it too. It is written to a temporary file in the same folder, flushed to the disk (fsync)
-and only then renamed over the old one with `os.replace`, which is atomic: a crash (kill -9, a full
-disk) while it is written never destroys the previous checkpoint. A resumed run redoes the steps
-after its checkpoint, so `open_log` first drops their records from log.jsonl. One run per folder:
-`run_lock` holds `<out>/lock` (the owner's process id) while a run writes there.
+A checkpoint is one dict that `torch.load(..., weights_only=True)` reads (so does `nanopiti.load_model`), written
+to a temporary file, fsynced, then renamed over the old one (atomic: a crash or a full disk never destroys the
+previous checkpoint). `open_log` drops the log records of the steps a resumed run redoes; `run_lock` holds
+`<out>/lock` (the owner's process id) while a run writes there.
 """
 
 import contextlib
@@ -69,9 +67,8 @@ def latest_checkpoint(out_dir):
     return path if os.path.isfile(path) else None
 
 def open_log(path, start):
-    """log.jsonl for appending, without the records of steps after `start` (written after the
-    checkpoint that a resumed run continues from, and about to be redone). A last line torn by a
-    kill is dropped; any other unreadable line is an error."""
+    """log.jsonl for appending, without the records of the steps after `start` (to be redone). A last line torn by
+    a kill is dropped; any other unreadable line is an error."""
     kept = []
     if start > 0 and os.path.isfile(path):
         with open(path) as f:
@@ -112,9 +109,8 @@ def remove_stale_temporaries(folder):
 
 @contextlib.contextmanager
 def run_lock(folder):
-    """Hold `folder`/lock while a run writes to `folder`: a second process is refused; a lock left
-    by a process that no longer runs is taken over, and its temporary files are removed. Folders
-    made for the lock are removed again if the run wrote nothing (it failed before it started)."""
+    """Hold `folder`/lock while a run writes there: a second process is refused, a dead process's lock taken over
+    (its temporaries removed); folders made for the lock go again if the run wrote nothing."""
     made, parent = [], os.path.abspath(folder)
     while not os.path.isdir(parent):
         made.append(parent)
@@ -169,9 +165,8 @@ def set_rng_state(generator, state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 def export_weights(src, dst, dtype=torch.float16):
-    """Keep only what sampling and finetuning need: the config and the EMA weights (in `dtype`,
-    half the size of fp32), plus the run's stage, task and step. `nanopiti.load_model` and
-    `train.py --init` read the result; this is how the toy models in checkpoints/ were made."""
+    """Keep what sampling and finetuning need: config, EMA weights in `dtype`, stage, task and step (for
+    `nanopiti.load_model` and `train.py --init`; how the toy models in checkpoints/ were made)."""
     ckpt = load_checkpoint(src)
     weights = ckpt.get("ema") or ckpt["model"]
     save_checkpoint({"config": ckpt["config"], "model": {k: v.to(dtype) for k, v in weights.items()},

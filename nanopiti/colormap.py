@@ -1,24 +1,18 @@
 """The label color map that turns class-index masks into the RGB pictures PITI's encoder reads.
 
-PITI's mask models never see class indices: the condition is a *color-coded* label map, an
-ordinary RGB image in which every class has a fixed color. The released COCO-Stuff checkpoints
-were trained on maps colored by PITI's `preprocess/preprocess_mask.py`, whose `labelcolormap`
-is the bit-interleaving color map of PASCAL VOC shifted by one ("let's give 0 a color"):
-class value v gets the VOC color of index v + 1. The VOC rule spreads the bits of the index over
-the three channels, most significant bit first:
+PITI's mask models read a *color-coded* label map, never class indices. The released COCO-Stuff checkpoints were
+trained on maps colored by PITI's `preprocess/preprocess_mask.py`, whose `labelcolormap` is PASCAL VOC's
+bit-interleaving map shifted by one ("let's give 0 a color"): class v gets the VOC color of index v + 1,
+its bits spread over the three channels, most significant first:
 
     for j in 0..6:  R |= bit(3j)   of id << (7 - j)
                     G |= bit(3j+1) of id << (7 - j)
                     B |= bit(3j+2) of id << (7 - j)
 
-so neighbouring class indices get very different colors. Class 0 (COCO "person") is (128, 0, 0).
-Pixels whose value has no entry (COCO-Stuff's 255, "unlabeled") stay black, which is also how
-PITI's `Colorize` leaves them.
-
-The COCO palette has 183 entries, as the release's `labelcolormap(183)`: entry 182,
-(128, 224, 192), is no COCO-Stuff class, but the release's own example masks contain it.
-nanopiti uses the same map for ADE20K (class values 0..150, where 0 is ADE's "other"), so one
-palette serves both datasets; `tests/test_data.py` checks it against the reference JSON.
+so neighbouring classes get very different colors; class 0 (COCO "person") is (128, 0, 0). Values with no entry
+(COCO-Stuff's 255, "unlabeled") stay black, as PITI's `Colorize` leaves them. The COCO palette has 183 entries, as
+`labelcolormap(183)` (entry 182, (128, 224, 192), is no class but is in the release's example masks); ADE20K
+(0..150, 0 = "other") uses the same map; `tests/test_data.py` checks it against the reference JSON.
 """
 
 import numpy as np
@@ -52,11 +46,8 @@ COCO_STUFF_CLASSES = (
     "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood")
 
 def label_colormap(n):
-    """The (n, 3) uint8 color table: row v is the RGB color of class value v.
-
-    Each of the 7 rounds moves the three lowest bits of the index into the next most
-    significant bit of R, G and B, so any two indices below 2**21 get different colors.
-    """
+    """The (n, 3) uint8 color table, row v the color of class v: each of 7 rounds moves the index's three lowest
+    bits into the next most significant bit of R, G and B (indices below 2**21 get distinct colors)."""
     ids = np.arange(1, n + 1)  # "+1": PITI gives class 0 a color instead of black
     cmap = np.zeros((n, 3), dtype=np.int64)
     for j in range(7):
@@ -79,11 +70,8 @@ def get_palette(palette):
     return np.asarray(palette, dtype=np.uint8)
 
 def labels_to_color(label, palette="coco"):
-    """Class-index map (H, W) -> color-coded label map (H, W, 3) uint8.
-
-    Value 255 (unlabeled) becomes black. Any other value without a palette entry is an error,
-    not a silent black hole: it means the mask belongs to another dataset.
-    """
+    """Class-index map (H, W) -> color-coded label map (H, W, 3) uint8; 255 (unlabeled) -> black. Any other value
+    without a palette entry is an error, not a silent black hole: the mask is another dataset's."""
     table = get_palette(palette)
     label = np.asarray(label)
     if label.ndim != 2:
@@ -109,11 +97,8 @@ def in_palette(color, palette="coco"):
     return np.isin(_pack(color), keys)
 
 def color_to_labels(color, palette="coco"):
-    """Color-coded label map (H, W, 3) -> class-index map (H, W) uint8; black -> 255.
-
-    The exact inverse of `labels_to_color`. A color that is not in the palette raises
-    ValueError (e.g. a map that was resized with bilinear interpolation, which mixes colors).
-    """
+    """Color-coded label map (H, W, 3) -> class-index map (H, W) uint8, black -> 255: `labels_to_color`'s inverse.
+    A color not in the palette (e.g. from bilinear resizing) raises ValueError."""
     table = get_palette(palette)
     color = np.asarray(color)
     if color.ndim != 3 or color.shape[2] != 3:

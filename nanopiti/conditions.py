@@ -1,14 +1,11 @@
 """How each task's condition is encoded, following the PITI release (its checkpoints expect it).
 
 * mask: a color-coded label map (nanopiti.colormap), 3 channels.
-* sketch: a binary edge map (lines white on black), fed to the model as its L1 distance
-  transform, as PITI's loader does: every pixel stores its city-block distance to the nearest
-  line pixel, clipped to 255 and mapped to [-1, 1], so lines are -1 and empty space rises to +1
-  within 255 pixels. The smooth field gives the encoder's convolutions a signal everywhere, not
-  only on 1-pixel lines. (An empty sketch is all +1: the null condition.) 1 channel.
-* depth: PITI's geometry condition is two RGB pictures made by its `preprocess_depth.py`: the
-  surface normals (`encode_normal`) and the depth colored with matplotlib's jet colormap on a
-  log scale (`encode_depth`), concatenated normals first. 6 channels.
+* sketch: a binary edge map (white lines on black) fed as PITI's loader does, as its L1 distance transform
+  clipped to 255 and mapped to [-1, 1]: lines -1, empty space rising to +1, a signal everywhere for the
+  encoder's convolutions (an empty sketch is all +1: the null condition). 1 channel.
+* depth: the two RGB pictures of PITI's `preprocess_depth.py`, surface normals (`encode_normal`) then the
+  log depth in matplotlib's jet colormap (`encode_depth`). 6 channels.
 
 All pictures are uint8 on disk and x / 127.5 - 1 in the model.
 """
@@ -19,13 +16,8 @@ import torch
 TASK_CHANNELS = {"mask": 3, "sketch": 1, "depth": 6}  # the condition channels of each task
 
 def l1_distance_transform(edges):
-    """HxW bool -> HxW int distance (city block) to the nearest True pixel.
-
-    The L1 distance |dx| + |dy| separates: first the distance to the nearest edge within each
-    row (a forward and a backward sweep along x), then, along each column, the minimum over
-    rows of that row distance plus |dy| (two more sweeps along y). Each sweep is a running
-    minimum, vectorized over the other axis. Without any edge, every pixel gets h + w.
-    """
+    """HxW bool -> HxW int city-block distance to the nearest True pixel (h + w without any): |dx| + |dy|
+    separates, so two running-minimum sweeps along x, then two along y, each vectorized over the other axis."""
     h, w = edges.shape
     d = np.where(edges, 0, h + w).astype(np.int32)
     for x in range(1, w):
@@ -39,12 +31,8 @@ def l1_distance_transform(edges):
     return d
 
 def binarize_sketch(gray):
-    """HxW uint8 sketch -> HxW bool, True on the lines.
-
-    PITI's sketches are white lines (255) on black. A hand-drawn sketch is usually black on
-    white; since lines cover a small part of any sketch, a majority of "on" pixels means the
-    polarity is inverted, and we flip it.
-    """
+    """HxW uint8 sketch -> HxW bool, True on the lines (PITI's are white on black; lines being a minority, a
+    majority of "on" pixels means black on white, and is flipped)."""
     on = np.asarray(gray) >= 128
     return ~on if on.mean() > 0.5 else on
 
@@ -70,13 +58,8 @@ def jet_lut(n=256):
     return np.stack([np.interp(t, *zip(*_JET[c])) for c in ("red", "green", "blue")], axis=-1)
 
 def encode_depth(depth, valid):
-    """Depth in meters (HxW) and validity mask -> HxWx3 uint8 jet picture, as PITI stores it.
-
-    PITI's `plot_depth_map`: clip depth to [0.5 m, D] with D = min(300 m, 99th percentile of the
-    map), take the logarithm, normalize by log(D + 1.01), look the value up in the 256-entry jet
-    table (values below 0, i.e. depth under 1 m, take the first entry), paint invalid pixels
-    black, and store 255 * color truncated to uint8.
-    """
+    """Depth in meters (HxW) and validity mask -> HxWx3 uint8 jet picture, as PITI's `plot_depth_map`: log depth
+    clipped to [0.5 m, D], D = min(300 m, 99th percentile), over log(D + 1.01); invalid pixels black."""
     depth = np.asarray(depth, dtype=np.float32)
     valid = np.asarray(valid) > 0
     max_depth = min(300.0, float(np.percentile(depth, 99)))
@@ -89,24 +72,16 @@ def encode_depth(depth, valid):
     return (rgb * 255).astype(np.uint8)
 
 def encode_normal(normal):
-    """Surface normals (HxWx3, components in [-1, 1], all-zero = unknown) -> HxWx3 uint8.
-
-    PITI's `plot_normal_map`: unknown pixels are set to the map's minimum, then every component
-    goes through (n - min) / 2, so with min = -1 this is the usual (n + 1) / 2 and unknown
-    pixels become black.
-    """
+    """Surface normals (HxWx3 in [-1, 1], all-zero = unknown) -> HxWx3 uint8, as PITI's `plot_normal_map`:
+    unknown pixels take the map's minimum, then (n - min) / 2 (with min = -1: (n + 1) / 2, unknown black)."""
     n = np.asarray(normal, dtype=np.float32)
     n = n + (n.sum(axis=2, keepdims=True) == 0) * n.min()
     n = (n - n.min()) / 2.0
     return (np.clip(n, 0.0, 1.0) * 255).astype(np.uint8)
 
 def normals_from_depth(depth, focal):
-    """HxW depth (meters, pinhole camera with `focal` pixels, principal point at the center)
-    -> HxWx3 unit normals in camera coordinates (x right, y down, z forward), facing the camera.
-
-    Every pixel is lifted to its 3-D point z * ((u - cx) / f, (v - cy) / f, 1); the normal is the
-    cross product of the point's finite differences along u and v.
-    """
+    """HxW depth (meters; pinhole camera, `focal` pixels, centered) -> HxWx3 unit normals in camera coordinates
+    (x right, y down, z forward) facing the camera: the cross product of the 3-D points' differences along u, v."""
     depth = np.asarray(depth, dtype=np.float32)
     h, w = depth.shape
     v, u = np.mgrid[0:h, 0:w].astype(np.float32)

@@ -26,10 +26,7 @@ from .conditions import (TASK_CHANNELS, binarize_sketch, distance_field, encode_
                          normals_from_depth, sketch_to_condition)
 
 class DataError(Exception):
-    """A data file that cannot be used: unreadable, wrong size, wrong channels, missing.
-
-    `reason` is a short category for the skip report ("unreadable", "size mismatch", ...).
-    """
+    """A data file that cannot be used; `reason` is its category in the skip report ("size mismatch", ...)."""
 
     def __init__(self, message, reason="unreadable"):
         super().__init__(message)
@@ -56,13 +53,8 @@ def open_rgb(path):
     return img.convert("RGB")
 
 def label_image_to_color(img, palette="coco", name="label map"):
-    """A label map in any common form -> HxWx3 uint8 color-coded map; `name` (its file) is in errors.
-
-    RGB(A): already color-coded, used as is (alpha dropped). Single channel (L, I, I;16): class
-    indices, colored with `palette`. Palette PNG: judged by its colors, like an RGB map; only when
-    every pixel's color is the gray of its own index (a class-index map saved as "P") are its
-    indices the classes.
-    """
+    """A label map -> HxWx3 uint8 color-coded map: RGB(A) as is; class indices (L, I, I;16) colored with `palette`;
+    a palette PNG by its colors, unless each pixel is the gray of its index (class indices saved as "P")."""
     if img.mode == "P":
         rgb = np.asarray(img.convert("RGB"))
         if not (rgb == np.asarray(img)[..., None]).all():
@@ -109,11 +101,7 @@ def _resize(arr, size, resample):
     return np.asarray(Image.fromarray(arr).resize(size, resample))
 
 def _to_unit(arr):
-    """HxWxC (or HxW) uint8 -> CxHxW float32 numpy array in [-1, 1].
-
-    The data path stays in numpy until the end: torch's multi-threaded elementwise ops cost more
-    than they save on arrays this small, and DataLoader workers run single-threaded anyway.
-    """
+    """HxWxC (or HxW) uint8 -> CxHxW float32 in [-1, 1], in numpy (torch's threads cost more on arrays this small)."""
     x = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(x[None] if x.ndim == 2 else x.transpose(2, 0, 1))
 
@@ -142,11 +130,9 @@ class PairTransform:
         else:
             x0, y0 = (w - s) // 2, (h - s) // 2
         flip = self.random_flip and rng.random() < 0.5
-
         def window(a):
             a = a[y0:y0 + s, x0:x0 + s]
             return a[:, ::-1] if flip else a
-
         image, conds = window(image), [window(c) for c in conds]
         if self.task == "sketch":
             cond = distance_field(binarize_sketch(conds[0]))
@@ -169,18 +155,10 @@ def sample_rng(seed, epoch, index):
 # --- Datasets ---
 
 class PairedDataset(torch.utils.data.Dataset):
-    """Pairs from a list file written by prepare_data.py (see `read_list` for the format).
-
-    task: 'mask' | 'sketch' | 'depth'. resolution: side of `image` (64 base, 256 upsampler).
-    cond_size: side of `cond` (256 for PITI's encoder). random_crop=False takes the center window.
-    upsampler: add `low_res`, the image degraded by nanopiti.degrade to resolution / (resolution //
-    low_res). palette: colors for label maps stored as class indices ('coco' or 'ade20k').
-
-    Lines whose files are missing are dropped when the dataset is built; files that turn out
-    unreadable, of the wrong size or with the wrong channels are dropped when first read. Both
-    are counted in `skipped` and summed up by `report()`. (A DataLoader worker process has its
-    own copy of the dataset: what it finds is reported by its warnings, not in the main copy.)
-    """
+    """Pairs from a list file of prepare_data.py (`read_list`). `upsampler` adds `low_res`, the image degraded
+    (nanopiti.degrade) by resolution // low_res; `palette` colors class-index label maps ('coco' or 'ade20k').
+    Lines with missing files are dropped at once, unusable files when first read: both are counted in `skipped`
+    and `report()` (a DataLoader worker's copy reports by its warnings only)."""
 
     def __init__(self, list_file, task, resolution=64, cond_size=256, random_flip=True, random_crop=True,
                  upsampler=False, low_res=64, seed=0, palette="coco", max_substitutions=16):
@@ -277,13 +255,9 @@ class EpochIndexed(torch.utils.data.Dataset):
         return self.dataset[index]
 
 class StepBatches(torch.utils.data.Sampler):
-    """This process's share of the global batch of every step, from `start` on.
-
-    The sample stream is the concatenation of one random permutation per epoch (seeded by
-    (seed, epoch)); global batch k is its slice [k B, (k + 1) B) and process r takes the r-th of
-    `world` equal parts. So the data order depends only on the seed and the step: a resumed run
-    reads exactly what the uninterrupted run would have read, with any number of processes.
-    """
+    """This process's share of every step's global batch, from `start` on: batch k is the slice [k B, (k + 1) B)
+    of one permutation per epoch (seeded by (seed, epoch)), process r takes the r-th of `world` equal parts. The
+    order depends only on seed and step: a resumed run reads what the uninterrupted one would, on any world size."""
 
     def __init__(self, n, global_batch, rank, world, seed, start, stop):
         self.n, self.batch, self.rank, self.world = n, global_batch, rank, world
@@ -333,14 +307,10 @@ class SyntheticPairs(torch.utils.data.Dataset):
 # --- One condition from a user's file (sample.py) ---
 
 def load_condition_image(path, task, palette=None, size=256):
-    """A condition picture of any size -> C x size x size float tensor in [-1, 1].
-
-    mask: RGB color-coded map, palette PNG or single-channel class-index map (colored with
-    `palette`, 'coco' by default; the COCO and ADE20K colors agree on 0..150), squashed to
-    size x size with nearest neighbour as PITI's inference does. sketch: any picture of lines,
-    binarized (either polarity) and turned into the distance field. depth: "normal.png,depth.png"
-    or a "*_depth.png" next to its "*_normal.png". Raises DataError with a one-line message.
-    """
+    """A condition picture of any size -> C x size x size float tensor in [-1, 1], squashed with nearest neighbour
+    as PITI's inference does. mask: as label_image_to_color (`palette` 'coco' by default; COCO and ADE20K agree on
+    0..150); sketch: lines of either polarity -> distance field; depth: "normal.png,depth.png" or a "*_depth.png"
+    next to its "*_normal.png". Raises DataError with a one-line message."""
     if task not in TASK_CHANNELS:
         raise DataError(f"unknown task {task!r}; expected one of {sorted(TASK_CHANNELS)}")
     if task == "depth":

@@ -157,12 +157,8 @@ def downsample_nearest(img, sf, sigma):
     return np.clip(filter2d(img, k)[::sf, ::sf], 0, 1)
 
 def degrade_bsr(img, sf, rng, p_l0=0.0):
-    """PITI's BSR-light chain: H x W x 3 image -> float32 (H // sf) x (W // sf) x 3 in [0, 1].
-
-    `rng` is a numpy Generator: the same seed gives the same output. The output values are
-    multiples of 1/255 (the chain ends in 8 bits, as PITI's does). `p_l0` is the chance of the
-    L0 smoothing step (0 here, 0.2 in `degrade_for_upsampler`).
-    """
+    """PITI's BSR-light chain: H x W x 3 image -> float32 (H // sf) x (W // sf) x 3 in [0, 1], multiples of 1/255,
+    the same for the same numpy Generator `rng`; `p_l0`: the chance of the L0 smoothing step."""
     image = as_float_image(img)
     h, w = image.shape[0] // sf * sf, image.shape[1] // sf * sf
     if h == 0 or w == 0:
@@ -198,13 +194,7 @@ def degrade_bsr(img, sf, rng, p_l0=0.0):
     return (np.round(image * 255) / 255).astype(np.float32)
 
 def degrade_for_upsampler(img, sf, rng, p_l0=L0_P):
-    """The low-resolution input of an upsampler training pair, as PITI's loader makes it:
-    the BSR-light chain with the L0 smoothing step taken with probability p_l0 (0.2).
-
-    PITI inserts L0 smoothing as one more randomly ordered step of the chain (not as an
-    alternative to it), and so does this function. (PITI's own L0 step divides the chain's
-    [0, 1] float image by 256 as if it were 8-bit and casts its result to uint8, which blackens
-    the image; here L0 runs on the [0, 1] image, with PITI's lambda range on that scale.)
-    Returns float32 (H // sf) x (W // sf) x 3 in [0, 1]; map it to [-1, 1] for the model.
-    """
+    """An upsampler pair's low-res input as PITI's loader makes it: the chain with L0 smoothing as one more randomly
+    ordered step, taken with probability p_l0. (PITI's L0 step treats the [0, 1] image as 8-bit and blackens it;
+    here it runs on [0, 1], with PITI's lambda range.) Float32 in [0, 1]; map it to [-1, 1] for the model."""
     return degrade_bsr(img, sf, rng, p_l0=p_l0)

@@ -1,31 +1,16 @@
-"""
-Gaussian diffusion with a learned-range variance, as used by GLIDE and PITI.
-
-The forward (noising) process of the paper, section 3.1:
+"""Gaussian diffusion with a learned-range variance, as used by GLIDE and PITI. The paper, section 3.1:
 
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)          (eq. 1)
     q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)             (eq. 2)
 
-(the paper writes alpha_t for the cumulative product abar_t = prod_i (1 - beta_i)).
-The network eps_theta(x_t, t) predicts the added noise and is trained with the
-simple loss ||eps_theta(x_t, t) - eps||^2 (eq. 3). Like GLIDE (and improved DDPM),
-the network has 6 output channels: 3 for epsilon and 3 "variance values" v in
-[-1, 1] that pick the reverse-step log variance between the two natural choices,
+(the paper's alpha_t is abar_t = prod_i (1 - beta_i)). eps_theta(x_t, t) is trained with ||eps_theta - eps||^2
+(eq. 3). As in GLIDE (and improved DDPM) the network has 6 output channels: epsilon and "variance values" v in
+[-1, 1] that set log sigma_t^2 = (v + 1) / 2 * log beta_t + (1 - v) / 2 * log beta~_t, beta~_t being the
+variance of q(x_{t-1} | x_t, x_0); the variance is trained by the variational bound ("hybrid" loss = MSE + VB).
 
-    log sigma_t^2 = (v + 1) / 2 * log beta_t + (1 - v) / 2 * log beta~_t,
-
-where beta~_t is the variance of the true posterior q(x_{t-1} | x_t, x_0). The
-variance is trained by the variational bound ("hybrid" loss = MSE + VB).
-
-Sampling uses fewer steps than training ("respacing"): a subset of the 1000
-training timesteps is kept and the betas are recomputed so that the kept steps
-have the same abar. The network must still be told the ORIGINAL timestep,
-which is what `GaussianDiffusion.model_timesteps` does. Every sampling and loss
-method takes a plain callable `model_fn(x_t, t_model) -> B x 2C x H x W` and
-applies that timestep map itself.
-
-Numerics follow the original: schedules are float64 tensors, and a coefficient
-is gathered in float64 and only then cast to the dtype of x.
+Sampling "respaces": it keeps a subset of the 1000 steps, with betas recomputed to keep their abar; the network
+still gets the ORIGINAL timestep (`model_timesteps`), which every method taking `model_fn(x_t, t_model) ->
+B x 2C x H x W` applies itself. Numerics follow the original: float64 schedules, cast to x's dtype after gathering.
 """
 
 import functools
@@ -38,18 +23,11 @@ from tqdm.auto import tqdm
 class DiffusionError(ValueError):
     """A diffusion schedule, respacing or model output that cannot be used."""
 
-# -----------------------------------------------------------------------------
-# Beta schedules and respacing
+# --- beta schedules and respacing ---
 
 def get_named_beta_schedule(name, num_steps):
-    """Betas (float64 numpy array of length num_steps) of a named schedule.
-
-    "linear" is the DDPM schedule (used by the upsamplers), scaled so that any
-    number of steps spans the same noise levels as 1000 steps.
-    "squaredcos_cap_v2" is the cosine schedule of improved DDPM (base models):
-    abar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2 for s in [0, 1], with each
-    beta capped at 0.999 to avoid the singularity at s = 1.
-    """
+    """Betas (float64 numpy array) of a named schedule: "linear", DDPM's (the upsamplers'), scaled to span 1000
+    steps' noise levels; "squaredcos_cap_v2", improved DDPM's cosine (base models), each beta capped at 0.999."""
     if name == "linear":
         scale = 1000 / num_steps
         return np.linspace(scale * 0.0001, scale * 0.02, num_steps, dtype=np.float64)
@@ -67,15 +45,9 @@ def model_diffusion(noise_schedule, respacing=""):
     return GaussianDiffusion(get_named_beta_schedule(noise_schedule, 1000), respacing)
 
 def space_timesteps(num_timesteps, spec):
-    """Sorted list of the original timesteps kept by a respacing spec.
-
-    - "" keeps every step.
-    - "a,b,c": split [0, num_timesteps) into len(sections) equal parts and take
-      a, b, c evenly spaced steps (rounded) from each part. "250" = 250 steps.
-    - "ddimN": the integer stride from the DDIM paper giving exactly N steps.
-    - "fast27": GLIDE's upsampler schedule, "10,10,3,2,2" with the noisiest
-      step T-1 swapped for T-3 (GLIDE: this reduces artifacts from that step).
-    """
+    """Sorted original timesteps kept by a respacing spec: "" all; "a,b,c" a, b, c evenly spaced steps from
+    each of 3 equal parts ("250": 250 steps); "ddimN" the integer stride giving N steps (DDIM); "fast27" GLIDE's
+    upsampler schedule, "10,10,3,2,2" with the noisiest step T-1 swapped for T-3 (fewer artifacts)."""
     spec = spec.strip()
     if spec == "":
         return list(range(num_timesteps))
@@ -98,8 +70,7 @@ def space_timesteps(num_timesteps, spec):
         if not 1 <= count <= size:
             raise DiffusionError(f"respacing {spec!r}: cannot take {count} steps from a section of {size}")
         stride = (size - 1) / (count - 1) if count > 1 else 1
-        # Accumulate the float position exactly like the original does, so that
-        # round() breaks ties on the same side and the kept steps are identical.
+        # The float position accumulates as in the original, so that round() breaks ties alike.
         pos = 0.0
         for _ in range(count):
             steps.append(start + round(pos))
@@ -115,8 +86,7 @@ def _parse_int(text, spec):
             f"bad respacing {spec!r}: use '' (all steps), counts like '250' or '10,10,3,2,2', 'ddimN' or 'fast27'"
         ) from None
 
-# -----------------------------------------------------------------------------
-# Likelihood helpers for the variational bound (in nats; the loss converts to bits)
+# --- likelihood helpers for the variational bound (in nats; the loss converts to bits) ---
 
 def mean_flat(x):
     """Mean over every dimension except the batch one."""
@@ -132,11 +102,8 @@ def _approx_standard_normal_cdf(x):
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
-    """log P(x) of 8-bit images x in [-1, 1] under N(means, e^(2 log_scales)).
-
-    Each pixel value owns a bin of width 2/255; the two extreme values own the
-    whole tails so that the probabilities sum to one.
-    """
+    """log P(x) of 8-bit images x in [-1, 1] under N(means, e^(2 log_scales)): each pixel value owns a bin of
+    width 2/255, the two extreme values the whole tails."""
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -146,8 +113,7 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
-# -----------------------------------------------------------------------------
-# The diffusion process
+# --- the diffusion process ---
 
 def _randn(shape, device, generator):
     """Standard normal noise; drawn on the generator's device when one is given."""
@@ -156,14 +122,8 @@ def _randn(shape, device, generator):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 class GaussianDiffusion:
-    """Training and sampling utilities for one (possibly respaced) schedule.
-
-    :param betas: the betas of the ORIGINAL schedule (e.g. 1000 of them).
-    :param respacing: which original timesteps to keep (see space_timesteps).
-
-    Timesteps `t` passed to the methods are indices 0..num_timesteps-1 into the
-    respaced schedule; `model_timesteps(t)` is what the network receives.
-    """
+    """Training and sampling for the ORIGINAL schedule's `betas`, respaced by `respacing` (space_timesteps).
+    The methods' `t` index the respaced schedule; `model_timesteps(t)` is what the network receives."""
 
     def __init__(self, betas, respacing=""):
         base_betas = torch.as_tensor(np.asarray(betas, dtype=np.float64))
@@ -175,18 +135,15 @@ class GaussianDiffusion:
             raise DiffusionError(f"respacing {respacing!r} keeps {len(kept)} step(s); at least 2 are needed")
         self.timestep_map = torch.tensor(kept, dtype=torch.long)
 
-        # New betas that give the kept steps exactly the original abar:
-        # 1 - beta'_k = abar(t_k) / abar(t_{k-1}).
+        # New betas that keep the original abar: 1 - beta'_k = abar(t_k) / abar(t_{k-1}).
         base_abar = torch.cumprod(1.0 - base_betas, dim=0)[self.timestep_map]
         betas = 1.0 - base_abar / torch.cat([torch.ones(1, dtype=torch.float64), base_abar[:-1]])
-        self.betas = betas
-        self.num_timesteps = len(betas)
+        self.betas, self.num_timesteps = betas, len(betas)
 
         alphas = 1.0 - betas
         abar = torch.cumprod(alphas, dim=0)
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        self.alphas_cumprod = abar
-        self.alphas_cumprod_prev = abar_prev
+        self.alphas_cumprod, self.alphas_cumprod_prev = abar, abar_prev
         self.sqrt_alphas_cumprod = abar.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - abar).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / abar).sqrt()
@@ -196,23 +153,18 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t).
         self.posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # beta~_0 = 0, so its log is replaced by log beta~_1 (the "clipped" log).
-        self.posterior_log_variance_clipped = torch.cat(
-            [self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
+        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
-
-    # --- small helpers --------------------------------------------------------
 
     @staticmethod
     def _extract(arr, t, x):
         """arr[t] as x's dtype, shaped [B, 1, 1, ...] to broadcast against x."""
-        out = arr.to(t.device)[t].to(x.dtype)
-        return out.view(-1, *([1] * (x.ndim - 1)))
+        return arr.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
     def model_timesteps(self, t):
         """The timestep the network sees: the original step, on a 0..1000 scale."""
-        steps = self.timestep_map.to(t.device)[t]
-        return steps.float() * (1000.0 / self.original_num_steps)
+        return self.timestep_map.to(t.device)[t].float() * (1000.0 / self.original_num_steps)
 
     def _split_output(self, model_output, x):
         B, C = x.shape[:2]
@@ -222,7 +174,7 @@ class GaussianDiffusion:
                 "(epsilon and learned-range variance values)")
         return model_output.split(C, dim=1)
 
-    # --- forward process ------------------------------------------------------
+    # --- forward process ---
 
     def q_sample(self, x_start, t, noise=None, generator=None):
         """Sample x_t ~ q(x_t | x_0) (eq. 2): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
@@ -248,16 +200,11 @@ class GaussianDiffusion:
         return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
                 / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
-    # --- reverse process ------------------------------------------------------
+    # --- reverse process ---
 
     def p_mean_variance(self, model, x_t, t, clip_denoised=True):
-        """The reverse step p(x_{t-1} | x_t) predicted by the network.
-
-        :param model: either a callable model_fn(x_t, t_model) or its output
-            (a B x 2C x H x W tensor) computed already.
-        :return: dict with mean, variance, log_variance, pred_xstart (clipped
-            to [-1, 1] when clip_denoised) and eps (the network's epsilon).
-        """
+        """p(x_{t-1} | x_t) from `model` (a model_fn(x_t, t_model) or its B x 2C x H x W output): mean, variance,
+        log_variance, pred_xstart (clipped to [-1, 1] when clip_denoised) and eps."""
         model_output = model(x_t, self.model_timesteps(t)) if callable(model) else model
         eps, var_values = self._split_output(model_output, x_t)
         # Learned range: v in [-1, 1] interpolates between the two log variances.
@@ -298,12 +245,8 @@ class GaussianDiffusion:
     @torch.no_grad()
     def p_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, clip_denoised=True,
                       device=None, generator=None, progress=True, callback=None):
-        """Ancestral sampling from x_T to x_0 over all (respaced) steps.
-
-        x_T = temperature * noise (fresh N(0, I) when noise is None). PITI and
-        GLIDE sample their upsamplers with temperature 0.997, applied to x_T only.
-        `callback(done, total)`, if given, is called after every step (demo.py's progress bar).
-        """
+        """Ancestral sampling from x_T = temperature * noise (fresh N(0, I) by default; the upsamplers: 0.997) to
+        x_0. `callback(done, total)` is called after every step (demo.py's progress bar)."""
         step = functools.partial(self.p_sample, model_fn, clip_denoised=clip_denoised, generator=generator)
         return self._loop(step, "ddpm", shape, noise, temperature, device, generator, progress, callback)
 
@@ -326,7 +269,7 @@ class GaussianDiffusion:
                 callback(self.num_timesteps - i, self.num_timesteps)
         return x
 
-    # --- training -------------------------------------------------------------
+    # --- training ---
 
     def sample_timesteps(self, batch, device, generator=None):
         """Uniform random timesteps in [0, num_timesteps)."""
@@ -334,33 +277,19 @@ class GaussianDiffusion:
         return torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=gen_device).to(device)
 
     def _vb_terms_bpd(self, model_output, x_start, x_t, t):
-        """One term of the variational bound, in bits per dimension, per sample.
-
-        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0 and the decoder
-        NLL -log p(x_0 | x_1) for t = 0.
-        """
+        """The variational bound's term per sample in bits per dimension: KL(q(x_{t-1} | x_t, x_0) ||
+        p(x_{t-1} | x_t)) for t > 0, the decoder NLL -log p(x_0 | x_1) for t = 0."""
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(
-            x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
+        nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
         nll = mean_flat(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model_fn, x_start, t, noise=None, generator=None):
-        """The hybrid loss of improved DDPM / GLIDE / PITI for one batch.
-
-        :return: dict of per-sample tensors:
-            - "mse": ||eps - eps_theta(x_t, t)||^2 averaged over pixels (eq. 3);
-            - "vb": the variational-bound term, with the epsilon output detached
-              so that it only trains the variance, scaled by num_timesteps / 1000
-              (RESCALED_MSE: without it the VB term would swamp the MSE term);
-            - "loss": mse + vb;
-            - "pred_xstart": x_0 predicted from the live epsilon, clipped to
-              [-1, 1], with gradients (PITI feeds it to its perceptual and
-              adversarial losses, eqs. 4-5);
-            - "x_t": the noised input.
-        """
+        """The hybrid loss of improved DDPM / GLIDE / PITI, per sample: "mse" (eq. 3), "vb" (epsilon detached, so it
+        trains only the variance; scaled by num_timesteps / 1000, RESCALED_MSE), "loss" = mse + vb, "x_t", and
+        "pred_xstart": x_0 from the live epsilon, clipped, with gradients (for the losses of eqs. 4-5)."""
         if noise is None:
             noise = _randn(x_start.shape, x_start.device, generator)
         x_t = self.q_sample(x_start, t, noise)

@@ -1,25 +1,18 @@
 """The adversarial loss of PITI's upsampler (paper eq. 5): a PatchGAN discriminator judges the
 predicted x0 against real images.
 
-`PatchDiscriminator` is pix2pix's 70x70 PatchGAN (Isola et al. 2017), the `NLayerDiscriminator`
-that the PITI release uses: 4x4 convolutions, three of stride 2, InstanceNorm (no affine) and
-LeakyReLU(0.2), ending in a one-channel map of scores, one per 70x70 patch of the input (30x30
-scores for a 256x256 image). Judging patches instead of whole images makes it a texture critic,
-which is what an upsampler needs: the layout is already fixed by the low-res input.
-
-The GAN loss. The PITI release trains this network as a WGAN-GP critic (Gulrajani et al. 2017):
+`PatchDiscriminator` is pix2pix's 70x70 PatchGAN (Isola et al. 2017), the release's `NLayerDiscriminator`: one
+score per 70x70 patch (30x30 for a 256x256 image), a texture critic, as an upsampler needs (the low-res input
+fixes the layout). The PITI release trains it as a WGAN-GP critic (Gulrajani et al. 2017), as nanopiti does by
+default (`loss="wgan-gp"`):
 
     critic:    L_D = E[D(fake)] - E[D(real)] + 10 E[(||grad_x D(x_mix)||_2 - 1)^2]
     generator: L_adv = -E[D(fake)]                      (per sample, weighted by 0.01 in eq. 5)
 
-with x_mix a random per-sample mix of real and fake, one critic step per generator step, and
-Adam at lr 1e-5. nanopiti follows it by default (`loss="wgan-gp"`): the generator here is a
-pretrained diffusion model that must only be nudged, and the Wasserstein critic gives it a
-gradient that does not vanish when the critic wins (unlike the saturating GAN loss), while the
-gradient penalty keeps the critic 1-Lipschitz so that the nudge stays bounded; the 0.01 weight
-of the release was tuned for the scale of this critic. `loss="hinge"` (Miyato et al. 2018;
-L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))], same generator loss) is offered as a cheaper
-alternative: it needs no second backward pass through the critic.
+with x_mix a random per-sample mix of real and fake, one critic step per generator step, Adam at lr 1e-5: its
+gradient does not vanish when the critic wins, and the penalty keeps the nudge to the pretrained model bounded.
+`loss="hinge"` (Miyato et al. 2018; L_D = E[relu(1 - D(real))] + E[relu(1 + D(fake))]) is cheaper: it needs no
+second backward pass through the critic.
 """
 
 import torch
@@ -52,11 +45,8 @@ def _check(loss):
         raise ValueError(f"unknown GAN loss {loss!r}; use one of {', '.join(GAN_LOSSES)}")
 
 def discriminator_loss(disc, real, fake, loss="wgan-gp", mix=None, gp_weight=10.0):
-    """The critic's loss on one batch (a scalar). `fake` must be detached from the generator.
-
-    mix: (B,) numbers in [0, 1] that place x_mix on the line from fake to real (WGAN-GP only);
-    the caller draws them from its own generator so that training stays reproducible.
-    """
+    """The critic's loss on one batch (a scalar); `fake` detached. mix: (B,) in [0, 1], x_mix's place on the
+    line from fake to real (WGAN-GP only), drawn by the caller's generator so that training stays reproducible."""
     _check(loss)
     d_real, d_fake = disc(real), disc(fake)
     if loss == "hinge":
@@ -74,13 +64,9 @@ def generator_loss(disc, fake, loss="wgan-gp"):
     return -disc(fake).mean(dim=(1, 2, 3))
 
 def critic_step(disc, opt, reals, fakes, loss_name, mixes, batch_size):
-    """One step of the critic on this process's micro-batches; returns the summed loss (a tensor).
-
-    reals, fakes, mixes: lists of micro-batches (fakes detached from the generator), together
-    `batch_size` samples, so that the gradient is the batch mean whatever the micro-batching.
-    Under torchrun the gradients are averaged over the processes by hand: DDP cannot wrap a
-    network that WGAN-GP differentiates twice. A non-finite gradient skips the step.
-    """
+    """One critic step on this process's micro-batches (lists, together `batch_size` samples: the gradient is the
+    batch mean); returns the summed loss. Gradients are averaged over processes by hand (DDP cannot wrap a network
+    that WGAN-GP differentiates twice); a non-finite gradient skips the step."""
     disc.requires_grad_(True)
     total = 0.0
     for real, fake, mix in zip(reals, fakes, mixes):

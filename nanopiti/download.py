@@ -69,8 +69,7 @@ def download(url, dest, md5=None, check=None, chunk_size=1 << 20, timeout=60):
         if size > total:
             os.remove(part)
         raise DownloadError(f"download of {url} stopped at {size} of {total} bytes; rerun the same command to resume")
-    problem = md5_problem(part, dest, md5) or (check(part) if check else None)
-    if problem:
+    if problem := md5_problem(part, dest, md5) or (check(part) if check else None):
         os.remove(part)
         raise DownloadError(f"{os.path.basename(dest)} failed verification ({problem}); deleted it, rerun to "
                             "download again")

@@ -2,15 +2,11 @@
 
 * `Transformer`: the CLIP-style transformer that both GLIDE's text encoder and PITI's task
   encoder use (pre-LayerNorm residual blocks, fp32 LayerNorm, GELU MLP, no causal mask).
-* `ConditionEncoder`: PITI's task-specific head E_i. A small CNN turns a 256x256 condition (a
-  color-coded mask: 3 channels, a sketch: 1, depth+normal: 6) into a 16x16 grid of 512-d
-  features (the toy world's models use `PatchStem` instead, see there); with a cls token and
-  learned positions they go through the transformer. The cls
-  output is the pooled latent (added to the timestep embedding), the 256 other tokens are the
-  sequence the UNet attends to. This is the only part trained in stage 1.
-* `add_text_encoder` / `encode_text`: GLIDE's text encoder (token, positional and padding
-  embeddings, transformer, final LayerNorm) for text-conditioned pretraining; the last token's
-  output is the pooled latent.
+* `ConditionEncoder`: PITI's task-specific head E_i, the only part trained in stage 1. A small CNN turns a 256x256
+  condition (mask: 3 channels, sketch: 1, depth+normal: 6) into 16x16 512-d features (toy models: `PatchStem`),
+  which with a cls token and learned positions go through the transformer: the cls output is the pooled latent
+  (added to the timestep embedding), the 256 other tokens the sequence the UNet attends to.
+* `add_text_encoder` / `encode_text`: GLIDE's text encoder for pretraining; the last token's output is pooled.
 
 Both return (pooled (B, W), tokens (B, W, L)), the encoder's output that `nanopiti.unet.UNet` takes.
 """
@@ -94,15 +90,9 @@ class ConditionCNN(nn.Module):
         return self.conv6(x)
 
 class PatchStem(nn.Module):
-    """The toy world's stem in place of ConditionCNN: the mean of each 16x16 patch, projected by a
-    1x1 conv (a ViT patch embedding that sees only a patch's average), the same 16x downsampling.
-
-    Why the toy departs from PITI here: a fresh ConditionCNN hands the transformer a random
-    non-linear mix of a 67-pixel neighbourhood, and a decoder that must learn, from scratch or
-    from a prior that never saw a layout, which token belongs to which place gets almost no
-    signal through it: on a CPU budget of a few thousand steps the toy models ignored their
-    masks. With patch averages the same decoder starts to use the mask within a few hundred
-    steps (docs/results.md, "A patch stem for the toy encoder")."""
+    """The toy world's stem in place of ConditionCNN: each 16x16 patch's mean, projected by a 1x1 conv. Through a
+    fresh ConditionCNN's random mix the toy models ignored their masks on a CPU budget; with patch averages they
+    use them within a few hundred steps (docs/results.md, "A patch stem for the toy encoder")."""
 
     def __init__(self, in_channels, width):
         super().__init__()
@@ -128,13 +118,9 @@ class ConditionEncoder(nn.Module):
 
     @torch.no_grad()
     def toy_init(self, n):
-        """The toy encoder's start: every token says where it is, and the transformer starts as the identity.
-
-        With PITI's init (positions of std 0.01, random residual branches) the decoder learns from
-        the tokens which classes a mask holds but never where (docs/results.md, "Why the toy
-        ignored the layout"); with 2D sinusoid positions of std 1 and zero residual projections the
-        copy task reads places within about 1,000 steps. Same parameters, only their starting values.
-        n: the token grid's side."""
+        """The toy encoder's start, on an n x n token grid: 2D sinusoid positions of std 1 and zero residual
+        projections (the transformer starts as the identity). With PITI's init the decoder learned which classes a
+        mask holds but never where (docs/results.md, "Why the toy ignored the layout")."""
         width = self.positional_embedding.shape[-1]
         angle = torch.linspace(0, torch.pi, n)[:, None] * torch.arange(1, width // 4 + 1)  # (n, width/4)
         wave = torch.cat([angle.sin(), angle.cos()], 1)  # (n, width/2): one coordinate's code
@@ -155,11 +141,9 @@ class ConditionEncoder(nn.Module):
         x = self.final_ln(self.transformer(torch.cat([x, cls], dim=1)))
         return x[:, -1], x[:, :-1].transpose(1, 2)
 
-def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257,
-                     final_ln=True, padding=True):
-    """Give `module` GLIDE's text encoder: token, positional and padding embeddings, transformer,
-    final LayerNorm. GLIDE stores these beside the UNet's parameters at the top level of its
-    checkpoints, so they are attached to the model itself rather than nested in a submodule."""
+def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_vocab=50257, final_ln=True, padding=True):
+    """Give `module` GLIDE's text encoder (embeddings, transformer, final LayerNorm), attached to the model itself
+    as GLIDE's checkpoints store it beside the UNet's parameters."""
     module.transformer = Transformer(width, layers, heads)
     module.final_ln = LayerNorm(width) if final_ln else None
     module.token_embedding = nn.Embedding(n_vocab, width)
@@ -167,8 +151,7 @@ def add_text_encoder(module, text_ctx=128, width=512, layers=16, heads=8, n_voca
     module.padding_embedding = nn.Parameter(torch.randn(text_ctx, width) * 0.01) if padding else None
 
 def encode_text(module, text, text_mask):
-    """Run the text encoder attached by `add_text_encoder`. text (B, text_ctx) token ids, text_mask
-    (B, text_ctx) bool, False at padding. The last token's output is the pooled latent."""
+    """Run `add_text_encoder`'s encoder on token ids text (B, text_ctx), text_mask (B, text_ctx) False at padding."""
     x = module.token_embedding(text.long()) + module.positional_embedding[None]
     if module.padding_embedding is not None:
         x = torch.where(text_mask[..., None], x, module.padding_embedding[None])

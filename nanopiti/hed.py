@@ -1,21 +1,16 @@
 """Edge maps for sketch-to-image: the HED network, and a weight-free fallback.
 
-PITI's sketch task (paper Sec. 4.1) "extract[s] sketches of images via HED and then binarize[s]
-extracted sketches". HED (Xie & Tu, "Holistically-Nested Edge Detection", 2015) is VGG16 cut
-after conv5_3, with a 1x1 "score" convolution on the last feature map of each of its 5 stages
-(side outputs at strides 1, 2, 4, 8, 16), every side output upsampled bilinearly to the input
-size, and a 1x1 convolution that fuses the 5 maps into one edge probability.
+PITI's sketch task (paper Sec. 4.1) "extract[s] sketches of images via HED and then binarize[s] extracted
+sketches". HED (Xie & Tu, 2015) is VGG16 up to conv5_3 with a 1x1 "score" conv on each of its 5 stages, upsampled
+bilinearly to the input size and fused by a 1x1 conv into one edge probability.
 
-The weights PITI used are the Caffe BSDS500 model converted to PyTorch by sniklaus/pytorch-hed
-("network-bsds500.pytorch"). Its keys are `moduleVggOne.0.weight`, ..., `moduleScoreOne.weight`,
-..., `moduleCombine.0.weight` (newer copies say `net` instead of `module`); `load_hed` maps them
-onto the modules below, whose Sequential indices follow the same order (pool first, then
-conv/ReLU pairs) so that only the prefixes change. The network takes a BGR image in 0..255 with
-the Caffe VGG mean subtracted; PITI binarizes its output at 0.6.
+PITI's weights are the Caffe BSDS500 model converted by sniklaus/pytorch-hed ("network-bsds500.pytorch"): keys
+`moduleVggOne.0.weight`, ..., `moduleScoreOne.weight`, ..., `moduleCombine.0.weight` (newer copies: `net`), which
+`load_hed` maps onto the modules below (same Sequential order: only the prefixes change). Input: BGR in 0..255
+minus the Caffe VGG mean; PITI binarizes the output at 0.6.
 
-Without the weights file, `canny_edges` (Sobel gradients, non-maximum suppression, hysteresis)
-gives thin binary edges with no learned notion of object boundaries. That is fine for nanopiti's
-own experiments but not what PITI's released sketch checkpoints were trained on.
+Without the weights, `canny_edges` gives thin binary edges with no learned notion of object boundaries: fine for
+nanopiti's own experiments, not what PITI's released sketch checkpoints were trained on.
 """
 
 import numpy as np
@@ -115,15 +110,9 @@ def _gaussian_blur(x, sigma):
 
 @torch.no_grad()
 def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
-    """HxWx3 uint8 numpy image -> HxW bool edges, a Canny detector in plain torch.
-
-    1. grayscale and Gaussian blur (sigma) to suppress pixel noise;
-    2. Sobel gradients; magnitude normalized by its maximum so thresholds are image-relative;
-    3. non-maximum suppression: keep a pixel only if it is a local maximum of the magnitude
-       along the gradient direction (quantized to 0, 45, 90, 135 degrees), giving 1-px lines;
-    4. hysteresis: pixels above `high` are edges, and pixels above `low` join them when
-       connected to one (8-neighbourhood).
-    """
+    """HxWx3 uint8 numpy image -> HxW bool edges, Canny in plain torch: gray, Gaussian blur, Sobel gradients
+    (magnitude over its maximum: thresholds are image-relative), non-maximum suppression along the gradient
+    (quantized to 45 degrees), hysteresis (above `high`, or above `low` and 8-connected to such a pixel)."""
     x = torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1)[None] / 255.0
     gray = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
     g = _gaussian_blur(gray, sigma)
@@ -150,15 +139,9 @@ def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
     return hysteresis((thin >= high).numpy(), (thin >= low).numpy())
 
 def hysteresis(strong, weak):
-    """Keep the 8-connected components of `weak` that contain a `strong` pixel.
-
-    Components by label propagation with pointer jumping: every weak pixel starts as its own
-    tree (label = its index). Each round, every pixel looks at the smallest label in its 3x3
-    neighbourhood and hangs the root of its tree under it ("hooking"); then every label is
-    replaced by its label's label until the trees are flat ("jumping"). A component ends with
-    all its pixels labelled by its smallest index, after a number of rounds that grows with the
-    logarithm of its size rather than with its length.
-    """
+    """Keep the 8-connected components of `weak` that contain a `strong` pixel: label propagation with pointer
+    jumping. Each round every pixel hangs its tree's root under the smallest label of its 3x3 neighbourhood, then
+    labels are replaced by their label's label until flat: about log(size) rounds, not a component's length."""
     h, w = weak.shape
     none = h * w  # the label of non-weak pixels, larger than every index
     label = np.append(np.where(weak.ravel(), np.arange(h * w), none), none)  # label[none] = none

@@ -78,11 +78,9 @@ def base_config(kind="piti", super_res=False, task="mask"):
     return config
 
 def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
-    """The toy world's models: the same architecture, small enough to train on a laptop CPU.
-    A 32x32 base, a 32->64 upsampler, conditions at 128x128 (8x8 condition tokens from
-    `PatchStem`, not PITI's CNN: see there), 64-wide encoders; the text encoder and the task
-    encoder share that width so that the decoder's `transformer_proj` and `encoder_kv` carry over
-    from pretraining to finetuning."""
+    """The toy world's models, small enough for a laptop CPU: 32x32 base, 32->64 upsampler, 128x128 conditions
+    (8x8 tokens from `PatchStem`), 64-wide encoders: text and task encoder share the width, so that the decoder's
+    `transformer_proj` and `encoder_kv` carry over from pretraining to finetuning."""
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
@@ -104,11 +102,9 @@ def build_model(config):
     raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
 
 def infer_config(state_dict, hints=None):
-    """Read a model's hyper-parameters off its state dict's keys and shapes.
-
-    Head counts, norm groups and the image size leave no trace in the weights: they come from `hints` (a
-    checkpoint's own config) or default to the released models' (64 channels per head, 8 heads
-    in the transformers, 64x64 base / 256x256 upsampler)."""
+    """Read a model's hyper-parameters off its state dict's keys and shapes; head counts, norm groups and image
+    size, not in the weights, come from `hints` (a checkpoint's config) or are the released models' (64 per head,
+    8 heads, 32 groups, 64/256)."""
     hints = hints or {}
     if "decoder.input_blocks.0.0.weight" in state_dict and "encoder.cnn.conv1.weight" in state_dict:
         kind, p = "piti", "decoder."
@@ -180,12 +176,8 @@ def _load_strict(model, state_dict, name):
     model.load_state_dict(state_dict, strict=True)
 
 def load_model(path_or_state_dict, use_ema=True, config=None):
-    """Build and load a GLIDE or PITI model, in eval mode, fp32, on the CPU.
-
-    Accepts a path or an already loaded object: a released checkpoint (a bare state dict), a
-    nanopiti checkpoint (`config` + `model`, and `ema`, preferred unless use_ema=False), or a dict
-    with `state_dict` and an optional `config` of hints (as the reference files hold).
-    """
+    """Build and load a GLIDE or PITI model (eval mode, fp32, CPU) from a path or a loaded object: a released state
+    dict, a nanopiti checkpoint (`config`, `model`, `ema` unless use_ema=False) or `state_dict` + `config` hints."""
     name = path_or_state_dict if isinstance(path_or_state_dict, (str, os.PathLike)) else "state dict"
     obj = _read(path_or_state_dict) if name != "state dict" else path_or_state_dict
     if not isinstance(obj, dict):

@@ -1,17 +1,11 @@
-"""The perceptual loss of PITI's upsampler (paper eq. 4): compare VGG features of the predicted
-x0 and of the real image.
+"""The perceptual loss of PITI's upsampler (paper eq. 4) on VGG features of the predicted and the real x0:
 
     L_perc = || phi(x0_hat) - phi(x0) ||^2,   x0_hat = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
 
-phi is a prefix of VGG19's convolutional `features` (Simonyan & Zisserman, configuration "E").
-PITI uses the prefix up to conv2_2 (before its ReLU), with ImageNet mean/std normalization of
-images in [0, 1], and the squared difference averaged per sample; its weight is 0.004.
-
-The layers are written out here with torchvision's module indices, so the standard ImageNet
-weights file `vgg19-dcbccd4d.pth` (https://download.pytorch.org/models/vgg19-dcbccd4d.pth)
-loads directly: its `features.N.weight/bias` keys are exactly this module's. No torchvision
-dependency. Random features (`allow_random=True`) still give a loss that punishes blur a little
-and make offline toy runs possible, but they are NOT what the paper uses.
+phi: VGG19's `features` up to conv2_2 (before its ReLU) on ImageNet-normalized [0, 1] images, the squared
+difference averaged per sample, weight 0.004 (PITI). The layers carry torchvision's indices, so
+`vgg19-dcbccd4d.pth` (https://download.pytorch.org/models/vgg19-dcbccd4d.pth) loads directly, without
+torchvision. Random features (`allow_random=True`) allow offline toy runs, but are NOT the paper's loss.
 """
 
 import warnings
@@ -43,12 +37,8 @@ def vgg19_features(depth=None):
     return nn.Sequential(*layers[:depth])
 
 class VGGPerceptual(nn.Module):
-    """Per-sample perceptual loss between images in [-1, 1]; frozen, always in eval mode.
-
-    :param weights: path to torchvision's VGG19 weights (or a state dict), or None.
-    :param allow_random: with weights=None, use randomly initialized features (warns).
-    :param layer: "conv2_2" (PITI's choice) or "conv5_4".
-    """
+    """Per-sample perceptual loss between images in [-1, 1]; frozen, always in eval mode. `weights`: torchvision's
+    VGG19 file or state dict; without, `allow_random` takes random features (with a warning); `layer`: LAYERS."""
 
     def __init__(self, weights=None, allow_random=False, layer="conv2_2"):
         super().__init__()

@@ -20,12 +20,8 @@ def high_noise_timesteps(batch, num_timesteps, device, generator=None):
     return (u.sqrt() * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
 
 class LossAwareTimesteps:
-    """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]).
-
-    Until every timestep has `history_per_term` recorded losses the sampling is
-    uniform. The returned weights 1 / (T p_t) keep the loss estimate unbiased.
-    With several processes, call `update` with the losses gathered from all.
-    """
+    """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]), uniformly until every timestep has
+    `history_per_term` losses; with several processes, `update` with the losses gathered from all."""
 
     def __init__(self, num_timesteps, history_per_term=10, uniform_prob=0.001):
         self.num_timesteps = num_timesteps

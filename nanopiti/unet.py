@@ -39,18 +39,14 @@ class GroupNorm32(nn.GroupNorm):
         return group_norm_act(x, self, scale, shift, self.silu)
 
 class ResBlock(nn.Module):
-    """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip.
-
-    With `up`/`down` the block also resamples (nearest x2 / average-pool /2) between the first
-    norm and the first conv, on both the residual and the skip path (GLIDE's resblock_updown).
-    """
+    """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip. `up`/`down`
+    resample (nearest x2 / average-pool /2) both paths after the first norm (GLIDE's resblock_updown)."""
 
     def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False, groups=32):
         super().__init__()
         out_channels = out_channels or channels
-        # Module indices are kept as in GLIDE (in_layers.0/.2, out_layers.0/.3) so that the
-        # checkpoints load; the SiLUs are fused into the norms and every released model has
-        # dropout 0, so their slots hold Identity.
+        # GLIDE's module indices (in_layers.0/.2, out_layers.0/.3), for its checkpoints; the slots of the SiLUs
+        # (fused into the norms) and of dropout (0 in every released model) hold Identity.
         self.in_layers = nn.Sequential(GroupNorm32(channels, True, groups), nn.Identity(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
@@ -58,8 +54,7 @@ class ResBlock(nn.Module):
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, groups), nn.Identity(),
-                                        nn.Identity(), out_conv)
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, groups), nn.Identity(), nn.Identity(), out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
@@ -77,11 +72,8 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 class AttentionBlock(nn.Module):
-    """Self-attention over the image tokens, with the condition tokens prepended to keys and values.
-
-    GLIDE's head layout: the qkv projection's channels are grouped per head as [q | k | v] of
-    `head_channels` each, and `encoder_kv`'s as [k | v]; the condition keys come first.
-    """
+    """Self-attention over the image tokens, the condition tokens prepended to keys and values. GLIDE's layout:
+    qkv's channels grouped per head as [q | k | v], `encoder_kv`'s as [k | v]."""
 
     def __init__(self, channels, num_head_channels, encoder_channels=None, groups=32):
         super().__init__()
@@ -120,13 +112,9 @@ class TimestepSequential(nn.Sequential):
 
 class UNet(nn.Module):
     """GLIDE's UNetModel with use_scale_shift_norm, resblock_updown and dropout 0, as every released model.
-
-    attention_ds: the downsampling factors at which attention blocks sit (e.g. (2, 4, 8) for
-    attention at 32, 16, 8 in a 64x64 model). cond_dim: width of the pooled condition token that
-    `transformer_proj` maps into the timestep embedding (None: no condition). encoder_channels:
-    width of the condition tokens that `encoder_kv` projects (None: plain self-attention).
-    super_res: in_channels counts x_t and the upsampled low-res image together.
-    """
+    attention_ds: downsampling factors with attention ((2, 4, 8): at 32, 16, 8 in a 64x64 model); cond_dim, the
+    pooled token's width (`transformer_proj`), and encoder_channels, the tokens' (`encoder_kv`): None for none;
+    super_res: in_channels counts x_t and the upsampled low-res image together."""
 
     def __init__(self, in_channels=3, model_channels=192, out_channels=6, num_res_blocks=3,
                  attention_ds=(2, 4, 8), channel_mult=(1, 2, 3, 4), num_head_channels=64,
@@ -136,13 +124,10 @@ class UNet(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-
         def res(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, ch_out, groups=norm_groups, **kw)
-
         def attn(ch):
             return AttentionBlock(ch, num_head_channels, encoder_channels, norm_groups)
-
         ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList([TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
         skip_chans, ds = [ch], 1

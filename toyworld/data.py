@@ -24,8 +24,7 @@ class ToyDataset(torch.utils.data.Dataset):
     def __init__(self, num_scenes, task, resolution=64, cond_size=256,
                  random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,
                  vary_appearance=True, copy=False):
-        self.transform = PairTransform(task, resolution, cond_size, random_flip,
-                                        False, upsampler, low_res)
+        self.transform = PairTransform(task, resolution, cond_size, random_flip, False, upsampler, low_res)
         self.num_scenes, self.task, self.cond_size = num_scenes, task, cond_size
         self.seed, self.epoch, self.first_scene = seed, 0, first_scene
         self.vary_appearance, self.copy = vary_appearance, copy

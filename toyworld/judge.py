@@ -1,14 +1,10 @@
 """Measuring samples in the toy world: faithfulness, realism, saturation and detail.
 
-The paper measures mask-to-image results with FID (realism) and, as SPADE and OASIS do, by
-segmenting the generated image and comparing it with the input mask (faithfulness, mIoU). The toy
-world has no Inception network or pretrained segmenter, but it has endless labelled images, so
-nanopiti trains its own judge: a small UNet segmenter on toy renders. Its mIoU on held-out renders
-says how well it can judge (state it next to any number it produces); its pooled features stand
-in for Inception's in a Frechet distance computed exactly as FID is ("toy FID").
-
-For the guidance comparison (paper Fig. 6: classifier-free guidance at large w over-saturates
-and washes out detail; normalized guidance does not) there are two plain image statistics:
+The paper measures mask-to-image results with FID (realism) and, as SPADE and OASIS do, by segmenting the samples
+and comparing with the input mask (faithfulness, mIoU). The toy world has endless labelled images, so nanopiti
+trains its own judge, a small UNet segmenter: its held-out mIoU says how well it judges (state it beside its
+numbers), its pooled features stand in for Inception's in a Frechet distance computed as FID ("toy FID").
+For the guidance comparison (paper Fig. 6: CF at large w over-saturates and washes out detail, NCF does not):
 mean HSV saturation and the share of spectral energy at high spatial frequencies.
 
 Images are taken as uint8 numpy N x H x W x 3 (renders, files) or as float torch tensors
@@ -186,9 +182,8 @@ def _as_long_tensor(a):
     return a.long() if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a)).long()
 
 def miou(pred, target, num_classes=len(TOY_CLASSES), ignore_index=255):
-    """Mean intersection over union, accumulated over all pixels of all images; classes absent
-    from both prediction and target are left out of the mean; target pixels equal to
-    ignore_index are ignored."""
+    """Mean intersection over union over all pixels of all images; classes absent from both prediction and target
+    are left out of the mean, target pixels equal to ignore_index ignored."""
     pred, target = _as_long_tensor(pred).flatten(), _as_long_tensor(target).flatten()
     if pred.shape != target.shape:
         raise EvaluateError(f"prediction and target differ in size: {pred.numel()} vs {target.numel()} pixels")
@@ -210,12 +205,8 @@ def _sqrtm_psd(m):
     return (v * w.clamp(min=0).sqrt()) @ v.T
 
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2):
-    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))   (the FID formula).
-
-    tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i) with lambda_i the eigenvalues of
-    M = S1^(1/2) S2 S1^(1/2): M is similar to S1 S2 (same eigenvalues), but symmetric positive
-    semi-definite, so eigh gives them real and stable, with no complex square roots to discard.
-    """
+    """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) (FID's formula), the trace from the eigenvalues
+    of M = S1^(1/2) S2 S1^(1/2): similar to S1 S2 but symmetric PSD, so eigh gives them real and stable."""
     mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
     r = _sqrtm_psd(s1)
     m = r @ s2 @ r
@@ -248,12 +239,8 @@ def high_frequency_energy(images, cutoff=0.25):
     return float((power[:, high].sum(1) / power.sum((1, 2)).clamp(min=1e-12)).mean())
 
 def evaluate_samples(model, samples, labels, reference=None):
-    """All toy metrics of generated `samples` for the label maps `labels` (class ids N x H x W).
-
-    mIoU compares the segmentation of each sample with its input labels (resized, nearest, to the
-    segmenter's resolution); toy FID compares the samples' features with those of `reference`
-    images (real renders), when given.
-    """
+    """All toy metrics of `samples` for the label maps `labels` (class ids N x H x W): mIoU against the labels
+    (nearest, at the segmenter's resolution), and with `reference` images (real renders) the toy FID."""
     labels = _as_long_tensor(labels)
     size = (model.size, model.size)
     target = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()

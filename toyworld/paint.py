@@ -303,8 +303,7 @@ class Painter:
             leaves, shapes = _jitter(rng, (30, 75, 45), 10), []
             for k in range(3):  # three stacked tiers, narrower toward the top
                 bottom, half = o.y - trunk_h - 0.8 * k * r, r * (1 - 0.25 * k)
-                shapes.append(_polygon(size, [(o.x - half, bottom), (o.x + half, bottom),
-                                              (o.x, bottom - 1.4 * r)]))
+                shapes.append(_polygon(size, [(o.x - half, bottom), (o.x + half, bottom), (o.x, bottom - 1.4 * r)]))
         else:
             autumn = rng.random() < 0.2
             leaves = _jitter(rng, (200, 115, 35) if autumn else (55, 115, 45), 15)

@@ -273,12 +273,8 @@ def label_to_color(label):
 # --- tokenizer ---
 
 class ToyTokenizer:
-    """Word-level tokenizer over the fixed vocabulary of toy captions (id 0 is padding).
-
-    `encode` follows GLIDE's convention for the text transformer: token ids cut or padded to
-    the context length, and a mask that is False on padding. The empty caption (all padding)
-    is the unconditional input of classifier-free guidance.
-    """
+    """Word-level tokenizer of toy captions (id 0: padding). `encode`, as GLIDE's: ids cut or padded to the context
+    length and a mask False on padding; the empty caption is classifier-free guidance's null input."""
 
     VOCAB = ("<pad>", ",", "a", "and", "by", "landscape", "of", "on", "under", "with", "the",
              "sky", "blue", "dusk", "night", "house", "houses", "tree", "trees", "pine", "grass",
@@ -315,14 +311,9 @@ def save_example_grid(path, n=6, size=128, seed=8):
     """Save n scenes as rows of image | label colors | sketch | depth (docs/toy_world.png)."""
     from PIL import Image
 
-    gap, rows = 2, []
-    for i in range(n):
-        scene = render_scene(seed + i, size)
-        tiles = [scene.image, label_to_color(scene.label), np.repeat(scene.sketch[..., None], 3, 2),
-                 np.repeat(depth_to_gray(scene.depth)[..., None], 3, 2)]
-        row = np.full((size, 4 * size + 3 * gap, 3), 255, np.uint8)
-        for k, tile in enumerate(tiles):
-            row[:, k * (size + gap): k * (size + gap) + size] = tile
-        rows.append(row)
-        rows.append(np.full((gap, row.shape[1], 3), 255, np.uint8))
-    Image.fromarray(np.concatenate(rows[:-1])).save(path, optimize=True)
+    from nanopiti.pictures import grid_row
+    scenes = [render_scene(seed + i, size) for i in range(n)]
+    rows = [grid_row([s.image, label_to_color(s.label), np.repeat(s.sketch[..., None], 3, 2),
+                      np.repeat(depth_to_gray(s.depth)[..., None], 3, 2)]) for s in scenes]
+    gap = np.full((2, rows[0].shape[1], 3), 255, np.uint8)  # white rows between the scenes
+    Image.fromarray(np.concatenate([part for row in rows for part in (row, gap)][:-1])).save(path, optimize=True)
