@@ -3,7 +3,7 @@
 # held-out toy masks into pictures with the shipped toy models and measure them with the toy judge
 # (its grid: out/quickstart/measure.png); then train a task encoder and decoder from the shipped toy
 # text prior (stage 2, the toy recipe) and watch the condition measure rise at every preview.
-# About 7 minutes on an idle 2-core CPU (measured 6 min 33 s), plus the install.
+# About 7 minutes on an idle 2-core CPU (measured 6 min 49 s), plus the install.
 set -euo pipefail
 cd "$(dirname "$0")"
 python3 -m pip install -r requirements.txt
