@@ -45,9 +45,10 @@ def model_diffusion(noise_schedule, respacing=""):
     return GaussianDiffusion(get_named_beta_schedule(noise_schedule, 1000), respacing)
 
 def space_timesteps(num_timesteps, spec):
-    """Sorted original timesteps kept by a respacing spec: "" all; "a,b,c" a, b, c evenly spaced steps from
-    each of 3 equal parts ("250": 250 steps); "ddimN" the integer stride giving N steps (DDIM); "fast27" GLIDE's
-    upsampler schedule, "10,10,3,2,2" with the noisiest step T-1 swapped for T-3 (fewer artifacts)."""
+    """Sorted original timesteps kept by a respacing spec: "" all; "a,b,c" [0, T) cut into as many equal parts
+    as numbers, a, b, c evenly spaced steps from each ("250": 250 steps); "ddimN" the integer stride giving N
+    steps (DDIM); "fast27" GLIDE's upsampler schedule, "10,10,3,2,2" with the noisiest step T-1 swapped for
+    T-3 (fewer artifacts)."""
     spec = spec.strip()
     if spec == "":
         return list(range(num_timesteps))
@@ -103,7 +104,7 @@ def _approx_standard_normal_cdf(x):
 
 def discretized_gaussian_log_likelihood(x, means, log_scales):
     """log P(x) of 8-bit images x in [-1, 1] under N(means, e^(2 log_scales)): each pixel value owns a bin of
-    width 2/255, the two extreme values the whole tails."""
+    width 2/255, and the two extreme values own the whole tails."""
     centered = x - means
     inv_std = torch.exp(-log_scales)
     cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
@@ -153,7 +154,8 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t).
         self.posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # beta~_0 = 0, so its log is replaced by log beta~_1 (the "clipped" log).
-        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]).log()
+        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2],
+                                                         self.posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 

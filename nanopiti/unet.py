@@ -42,19 +42,20 @@ class ResBlock(nn.Module):
     """norm-SiLU-conv, then norm with the timestep/condition FiLM (scale-shift), SiLU, conv; plus skip. `up`/`down`
     resample (nearest x2 / average-pool /2) both paths after the first norm (GLIDE's resblock_updown)."""
 
-    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False, groups=32):
+    def __init__(self, channels, emb_channels, out_channels=None, up=False, down=False, norm_groups=32):
         super().__init__()
         out_channels = out_channels or channels
         # GLIDE's module indices (in_layers.0/.2, out_layers.0/.3), for its checkpoints; the slots of the SiLUs
         # (fused into the norms) and of dropout (0 in every released model) hold Identity.
-        self.in_layers = nn.Sequential(GroupNorm32(channels, True, groups), nn.Identity(),
+        self.in_layers = nn.Sequential(GroupNorm32(channels, True, norm_groups), nn.Identity(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))  # scale and shift
         out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
         nn.init.zeros_(out_conv.bias)
-        self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, groups), nn.Identity(), nn.Identity(), out_conv)
+        self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, norm_groups), nn.Identity(), nn.Identity(),
+                                        out_conv)
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
@@ -75,10 +76,10 @@ class AttentionBlock(nn.Module):
     """Self-attention over the image tokens, the condition tokens prepended to keys and values. GLIDE's layout:
     qkv's channels grouped per head as [q | k | v], `encoder_kv`'s as [k | v]."""
 
-    def __init__(self, channels, num_head_channels, encoder_channels=None, groups=32):
+    def __init__(self, channels, num_head_channels, encoder_channels=None, norm_groups=32):
         super().__init__()
         self.num_heads = channels // num_head_channels
-        self.norm = GroupNorm32(channels, False, groups)
+        self.norm = GroupNorm32(channels, False, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1) if encoder_channels else None
         self.proj_out = nn.Conv1d(channels, channels, 1)
@@ -125,7 +126,7 @@ class UNet(nn.Module):
         emb_dim = 4 * model_channels
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         def res(ch_in, ch_out, **kw):
-            return ResBlock(ch_in, emb_dim, ch_out, groups=norm_groups, **kw)
+            return ResBlock(ch_in, emb_dim, ch_out, norm_groups=norm_groups, **kw)
         def attn(ch):
             return AttentionBlock(ch, num_head_channels, encoder_channels, norm_groups)
         ch = int(channel_mult[0] * model_channels)
