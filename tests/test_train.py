@@ -208,6 +208,17 @@ def test_resume_is_bitwise_exact(tmp_path):
     assert records(tmp_path / "straight") == records(tmp_path / "split")
 
 
+def test_resume_with_a_new_lr_trains_at_that_lr(tmp_path):
+    """A continued run with another --lr (a second, slower phase) must use it, not the rate saved with the
+    optimizer's state: the checkpoint and the log both say which one it ran at."""
+    out = tmp_path / "run"
+    run("--stage", "2", "--init", "scratch", "--out", out, "--max-steps", 1, "--lr", 1e-3)
+    run("--stage", "2", "--out", out, "--max-steps", 2, "--lr", 1e-5, "--resume", "auto")
+    ckpt = load_checkpoint(str(out / "latest.pt"))
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == [1e-5]
+    assert [r["lr"] for r in records(out) if "lr" in r] == [1e-3, 1e-5]
+
+
 def test_interrupted_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     run("--stage", "2", "--init", "scratch", "--out", out, "--max-steps", 1)
