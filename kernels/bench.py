@@ -19,6 +19,7 @@ every shape and dtype would take minutes.
 """
 
 import argparse
+import functools
 import math
 
 import torch
@@ -44,14 +45,11 @@ ATTENTION_CASES = [
     ("attn 8x8", (16, 12, 64, 320, 64)),
 ]
 
-def groupnorm_eager(x, weight, bias, scale, shift):
-    h = F.group_norm(x, 32, weight.to(x.dtype), bias.to(x.dtype))
-    if scale is not None:
-        h = h * (1 + scale) + shift
-    return F.silu(h)
-
-def groupnorm_glide(x, weight, bias, scale, shift):
-    h = F.group_norm(x.float(), 32, weight, bias).to(x.dtype)
+def groupnorm_eager(x, weight, bias, scale, shift, fp32=False):
+    if fp32:  # GLIDE's GroupNorm32
+        h = F.group_norm(x.float(), 32, weight, bias).to(x.dtype)
+    else:
+        h = F.group_norm(x, 32, weight.to(x.dtype), bias.to(x.dtype))
     if scale is not None:
         h = h * (1 + scale) + shift
     return F.silu(h)
@@ -77,7 +75,7 @@ def _peaks():
     name = torch.cuda.get_device_name()
     return next(((bw, fl) for key, bw, fl in PEAKS if key in name), (0, 0))
 
-def bench_groupnorm(name, shape, film, dtype, impls, rows):
+def bench_groupnorm(name, shape, film, dtype, impls):
     import kernels
     B, C, S = shape
     x = torch.randn(B, C, S, S, device="cuda", dtype=dtype).requires_grad_()
@@ -88,20 +86,22 @@ def bench_groupnorm(name, shape, film, dtype, impls, rows):
         scale = shift = None
     inputs = [t for t in (x, weight, bias, scale, shift) if t is not None]
     unpack = lambda ins: (ins[0], ins[1], ins[2], *(ins[3:] if film else (None, None)))  # noqa: E731
-    fns = {"eager": groupnorm_eager, "eager fp32": groupnorm_glide,
+    fns = {"eager": groupnorm_eager, "eager fp32": functools.partial(groupnorm_eager, fp32=True),
            "compile": torch.compile(groupnorm_eager, dynamic=False),
            "triton": lambda x, w, b, s, t: kernels.groupnorm_silu(x, w, b, 32, scale=s, shift=t)}
     if "cuda" in impls:
         from kernels.cuda_ext import groupnorm_silu_cuda
         fns["cuda"] = lambda x, w, b, s, t: groupnorm_silu_cuda(x, w, b, 32, scale=s, shift=t)
+    rows = []
     for backward in (False, True):
         minimum_bytes = x.numel() * x.element_size() * (5 if backward else 2)
         for impl in [i for i in fns if i in impls and not (backward and i == "cuda")]:
             ms = _time(lambda *ins: fns[impl](*unpack(ins)), inputs, backward)
             rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
                              rate=minimum_bytes / ms / 1e6, unit="GB/s"))
+    return rows
 
-def bench_attention(name, shape, dtype, impls, rows):
+def bench_attention(name, shape, dtype, impls):
     import kernels
     B, H, Lq, Lk, D = shape
     q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype) for L in (Lq, Lk, Lk))
@@ -110,6 +110,7 @@ def bench_attention(name, shape, dtype, impls, rows):
     cases = {"sdpa": (F.scaled_dot_product_attention, ours), "glide einsum": (attention_glide, glide_layout),
              "compile": (torch.compile(attention_glide, dynamic=False), glide_layout),
              "triton": (kernels.attention, ours)}
+    rows = []
     for backward in (False, True):
         flops = 4 * B * H * Lq * Lk * D * (3.5 if backward else 1.0)
         for impl in [i for i in cases if i in impls]:
@@ -117,12 +118,10 @@ def bench_attention(name, shape, dtype, impls, rows):
             ms = _time(fn, inputs, backward)
             rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
                              rate=flops / ms / 1e9, unit="TFLOP/s"))
-
-def print_header():
-    print(f"{'case':<20} {'dtype':<6} {'pass':<8} {'impl':<13} {'ms':>8} {'speedup':>8} {'achieved':>16} {'% peak':>7}")
+    return rows
 
 def print_rows(rows, baseline):
-    """Print rows as they are measured (a run cut short still shows its table so far)."""
+    """Print rows as they are measured (a run cut short still shows its table so far); returns them."""
     bw_peak, flop_peak = _peaks()
     for r in rows:
         key = (r["case"], r["dtype"], r["pass_"])
@@ -132,6 +131,7 @@ def print_rows(rows, baseline):
         dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[r["dtype"]]
         print(f"{r['case']:<20} {dtype:<6} {r['pass_']:<8} {r['impl']:<13} {r['ms']:8.3f} "
               f"{baseline[key] / r['ms']:7.2f}x {r['rate']:8.1f} {r['unit']:<7} {frac}", flush=True)
+    return rows
 
 def print_targets(rows):
     """Our bf16 targets (not the issue's), checked on the largest GroupNorm and attention cases."""
@@ -169,20 +169,14 @@ def main():
     attn_cases = ATTENTION_CASES[:2] if args.quick else ATTENTION_CASES
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows, baseline = [], {}
-    print_header()
+    print(f"{'case':<20} {'dtype':<6} {'pass':<8} {'impl':<13} {'ms':>8} {'speedup':>8} {'achieved':>16} {'% peak':>7}")
     for dtype in dtypes:
         for i, (name, shape, film) in enumerate(gn_cases):
             impls = ["eager", "eager fp32", "triton"] + (["compile"] if i < 2 else []) + ([] if args.quick else ["cuda"])
-            new = []
-            bench_groupnorm(name, shape, film, dtype, impls, new)
-            print_rows(new, baseline)
-            rows += new
+            rows += print_rows(bench_groupnorm(name, shape, film, dtype, impls), baseline)
         for i, (name, shape) in enumerate(attn_cases):
             impls = ["sdpa", "glide einsum", "triton"] + (["compile"] if i == 0 else [])
-            new = []
-            bench_attention(name, shape, dtype, impls, new)
-            print_rows(new, baseline)
-            rows += new
+            rows += print_rows(bench_attention(name, shape, dtype, impls), baseline)
     print_targets(rows)
 
 if __name__ == "__main__":
