@@ -178,10 +178,8 @@ class GaussianDiffusion:
 
     # --- forward process ---
 
-    def q_sample(self, x_start, t, noise=None, generator=None):
-        """Sample x_t ~ q(x_t | x_0) (eq. 2): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        if noise is None:
-            noise = _randn(x_start.shape, x_start.device, generator)
+    def q_sample(self, x_start, t, noise):
+        """Sample x_t ~ q(x_t | x_0) (eq. 2): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps = `noise`."""
         return (self._extract(self.sqrt_alphas_cumprod, t, x_start) * x_start
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 

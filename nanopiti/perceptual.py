@@ -17,8 +17,7 @@ import torch.nn.functional as F
 # VGG19: conv widths, "M" = 2x2 max-pool. Each conv is followed by a ReLU, so in torchvision's
 # `features` Sequential conv i sits at an even offset: conv1_1 = 0, conv1_2 = 2, pool = 4, ...
 VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
-# Where a feature tap ends: the number of `features` modules to run (PITI's conv_index '22' / '54').
-LAYERS = {"conv2_2": 8, "conv5_4": 35}
+CONV2_2 = 8  # the number of `features` modules up to conv2_2, before its ReLU (PITI's conv_index '22')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -38,13 +37,11 @@ def vgg19_features(depth=None):
 
 class VGGPerceptual(nn.Module):
     """Per-sample perceptual loss between images in [-1, 1]; frozen, always in eval mode. `weights`: torchvision's
-    VGG19 file or state dict; without, `allow_random` takes random features (with a warning); `layer`: LAYERS."""
+    VGG19 file or state dict; without, `allow_random` takes random features (with a warning)."""
 
-    def __init__(self, weights=None, allow_random=False, layer="conv2_2"):
+    def __init__(self, weights=None, allow_random=False):
         super().__init__()
-        if layer not in LAYERS:
-            raise PerceptualError(f"unknown VGG layer {layer!r}; use one of {', '.join(LAYERS)}")
-        self.features = vgg19_features(LAYERS[layer])
+        self.features = vgg19_features(CONV2_2)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         if weights is not None:

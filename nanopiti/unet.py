@@ -27,6 +27,12 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
+def zero_module(module):
+    """Zero a layer's parameters (guided-diffusion's zero_module): a new block starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm (GLIDE's 32 groups unless told), computed in fp32, with the following FiLM and SiLU
     fused in. With one channel per group it is InstanceNorm and drops every channel's spatial mean."""
@@ -51,11 +57,8 @@ class ResBlock(nn.Module):
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.updown = "up" if up else "down" if down else None
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))  # scale and shift
-        out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        nn.init.zeros_(out_conv.weight)  # a new block starts as the identity
-        nn.init.zeros_(out_conv.bias)
         self.out_layers = nn.Sequential(GroupNorm32(out_channels, True, norm_groups), nn.Identity(), nn.Identity(),
-                                        out_conv)
+                                        zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
     def resample(self, h):
@@ -82,9 +85,7 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNorm32(channels, False, norm_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.encoder_kv = nn.Conv1d(encoder_channels, 2 * channels, 1) if encoder_channels else None
-        self.proj_out = nn.Conv1d(channels, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x, tokens=None):
         b, c, *spatial = x.shape
@@ -156,10 +157,8 @@ class UNet(nn.Module):
                     layers.append(res(ch, ch, up=True))
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
-        out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
-        nn.init.zeros_(out_conv.weight)
-        nn.init.zeros_(out_conv.bias)
-        self.out = nn.Sequential(GroupNorm32(ch, True, norm_groups), nn.Identity(), out_conv)
+        self.out = nn.Sequential(GroupNorm32(ch, True, norm_groups), nn.Identity(),
+                                 zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
         if cond_dim is not None:
             self.transformer_proj = nn.Linear(cond_dim, emb_dim)
 
