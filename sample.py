@@ -40,7 +40,6 @@ from toyworld.world import TOY_CLASSES, TOY_COLORS
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
 DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
-TOY_HINT = "python ablations.py"  # trains both toy models from the shipped prior (README: The toy models)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_W = 0.3  # the released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention
 
@@ -53,15 +52,14 @@ def load_piti(path, upsampler):
     """Load a PITI base model (upsampler=False) or upsampler, refusing anything else."""
     role, flag = ("upsampler", "--sr-ckpt") if upsampler else ("base model", "--ckpt")
     if Path(path).resolve() in (DEFAULT_CKPT, DEFAULT_SR_CKPT) and not Path(path).is_file():
-        raise SampleError(f"the default toy {role} {path} is missing; make it with `{TOY_HINT}` "
+        raise SampleError(f"the default toy {role} {path} is missing; make it with `python ablations.py` "
                           f"(see the README) or pass {flag}")
     model = load_model(str(path))
     if model.config["kind"] == "glide":
         raise SampleError(f"{path}: it is a text-to-image GLIDE model, not a PITI model; finetune it first "
                           f"with `python train.py --stage 1 --init {path}`")
     if model.config["super_res"] != upsampler:
-        other = "an upsampler" if model.config["super_res"] else "a base model"
-        where = "--sr-ckpt" if model.config["super_res"] else "--ckpt"
+        other, where = ("an upsampler", "--sr-ckpt") if model.config["super_res"] else ("a base model", "--ckpt")
         raise SampleError(f"{path}: {flag} needs a PITI {role} but this is {other}; give it as {where}")
     return model
 

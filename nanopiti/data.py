@@ -172,9 +172,8 @@ class PairedDataset(torch.utils.data.Dataset):
         for image, conds, caption, number in read_list(list_file):
             if len(conds) != n_conds:
                 self.skipped["malformed line"].append(f"{list_file}:{number}")
-            elif not all(os.path.isfile(p) for p in [image] + conds):
-                missing = next(p for p in [image] + conds if not os.path.isfile(p))
-                self.skipped["missing file"].append(missing)
+            elif missing := [p for p in [image] + conds if not os.path.isfile(p)]:
+                self.skipped["missing file"].append(missing[0])
             else:
                 self.entries.append((image, conds, caption))
         if not self.entries:
