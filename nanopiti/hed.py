@@ -54,21 +54,14 @@ class HED(nn.Module):
 
 def convert_hed_state_dict(published):
     """Rename the keys of sniklaus/pytorch-hed's file to this module's names."""
+    renames = [("Combine.0.", "combine.")]  # Sequential(conv, sigmoid) upstream; sigmoid is in forward
+    for i, name in enumerate(_STAGE_NAMES):
+        renames += [(f"Vgg{name}.", f"stages.{i}."), (f"Score{name}.", f"scores.{i}.")]
     converted = {}
     for key, value in published.items():
-        rest = key
-        for prefix in ("module", "net"):
-            if rest.startswith(prefix):
-                rest = rest[len(prefix):]
-                break
-        for i, name in enumerate(_STAGE_NAMES):
-            if rest.startswith("Vgg" + name + "."):
-                rest = f"stages.{i}." + rest[len("Vgg" + name + "."):]
-            elif rest.startswith("Score" + name + "."):
-                rest = f"scores.{i}." + rest[len("Score" + name + "."):]
-        if rest.startswith("Combine.0."):  # Sequential(conv, sigmoid) upstream; sigmoid is in forward
-            rest = "combine." + rest[len("Combine.0."):]
-        converted[rest] = value
+        rest = next((key[len(prefix):] for prefix in ("module", "net") if key.startswith(prefix)), key)
+        old, new = next(((old, new) for old, new in renames if rest.startswith(old)), ("", ""))
+        converted[new + rest[len(old):]] = value
     return converted
 
 def load_hed(path, device="cpu"):
