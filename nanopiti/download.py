@@ -21,6 +21,10 @@ import zipfile
 
 from tqdm import tqdm
 
+from .hed import HEDError, load_hed
+from .model import ModelError, load_model
+from .perceptual import PerceptualError, VGGPerceptual
+
 class DownloadError(Exception):
     """A download that failed or a file that failed its check; printed as one line."""
 
@@ -116,7 +120,6 @@ def unpack(archive, target):
 
 def _glide_problem(super_res):
     def check(path):
-        from nanopiti.model import ModelError, load_model
         try:
             config = load_model(path).config
         except ModelError as e:
@@ -127,21 +130,15 @@ def _glide_problem(super_res):
         return None
     return check
 
-def _vgg_problem(path):
-    from nanopiti.perceptual import PerceptualError, VGGPerceptual
-    try:
-        VGGPerceptual(weights=path)
-    except PerceptualError as e:
-        return str(e)
-    return None
-
-def _hed_problem(path):
-    from nanopiti.hed import HEDError, load_hed
-    try:
-        load_hed(path)
-    except HEDError as e:
-        return str(e)
-    return None
+def _loads(load, error):
+    """check(path): None when load(path) succeeds, else the message of the `error` it raises."""
+    def check(path):
+        try:
+            load(path)
+        except error as e:
+            return str(e)
+        return None
+    return check
 
 # name -> (url, file name, what it is for, check)
 WEIGHTS = {
@@ -150,9 +147,10 @@ WEIGHTS = {
     "glide-upsample": ("https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample.pt", "upsample.pt",
                        "GLIDE's 64->256 upsampler: train.py --stage up --init", _glide_problem(True)),
     "vgg19": ("https://download.pytorch.org/models/vgg19-dcbccd4d.pth", "vgg19-dcbccd4d.pth",
-              "ImageNet VGG19 for the perceptual loss: train.py --stage up --vgg-weights", _vgg_problem),
+              "ImageNet VGG19 for the perceptual loss: train.py --stage up --vgg-weights",
+              _loads(VGGPerceptual, PerceptualError)),
     "hed": ("http://content.sniklaus.com/github/pytorch-hed/network-bsds500.pytorch", "network-bsds500.pytorch",
-            "HED edges for sketches: prepare_data.py --data coco-sketch --hed-weights", _hed_problem),
+            "HED edges for sketches: prepare_data.py --data coco-sketch --hed-weights", _loads(load_hed, HEDError)),
 }
 
 def fetch_weights(name, out):
