@@ -269,8 +269,7 @@ def check_options(args):
     single_file = out.suffix.lower() == ".png"
     if single_file and out.is_dir():
         raise SampleError(f"--out {out} is a folder; give a new .png file name or the folder without .png")
-    problem = folder_problem(out.parent if single_file else out)
-    if problem:
+    if problem := folder_problem(out.parent if single_file else out):
         raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
                           "that can be written")
 

@@ -29,11 +29,8 @@ class DownloadError(Exception):
     """A download that failed or a file that failed its check; printed as one line."""
 
 def download(url, dest, md5=None, check=None, chunk_size=1 << 20, timeout=60):
-    """Fetch `url` to `dest` with a progress bar, resuming a previous partial `dest`.part.
-
-    The partial file grows by HTTP Range requests ("bytes=<size>-"); a server that ignores
-    Range (status 200) makes us start over. `check(path)` returns None for a good file, or why not.
-    """
+    """Fetch `url` to `dest` with a progress bar, resuming `dest`.part by a Range request ("bytes=<size>-"; a
+    server that ignores it, status 200, starts it over). `check(path)` returns None for a good file, or why not."""
     part = dest + ".part"
     start = os.path.getsize(part) if os.path.exists(part) else 0
     headers = {"User-Agent": "nanopiti-download"}

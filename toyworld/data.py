@@ -11,15 +11,11 @@ from nanopiti.data import PairTransform, sample_rng
 from .world import render_scene
 
 class ToyDataset(torch.utils.data.Dataset):
-    """Scenes of the procedural toy world, rendered on the fly (no files needed).
-
-    Scene i has layout seed `first_scene + i`: the layout (what is where) is fixed, so label
-    maps, sketches and depth stay the same across epochs. With `vary_appearance`, the colors and
-    textures are re-drawn every epoch from (seed, epoch, i), so one layout maps to many images,
-    as in the real task. The sample dict is that of PairedDataset, plus the scene's caption.
-    With `copy`, the image is the mask itself (the copy task): the condition decides the image
-    exactly, so a model that learns anything from its condition must learn this.
-    """
+    """Scene i has layout seed `first_scene + i`: the layout (what is where) is fixed, so label maps, sketches and
+    depth stay the same across epochs. With `vary_appearance`, the colors and textures are re-drawn every epoch
+    from (seed, epoch, i), so one layout maps to many images, as in the real task. With `copy`, the image is the
+    mask itself (the copy task): the condition decides the image exactly, so a model that learns anything from
+    its condition must learn this. Samples as PairedDataset's, plus the scene's caption."""
 
     def __init__(self, num_scenes, task, resolution=64, cond_size=256,
                  random_flip=True, upsampler=False, low_res=64, seed=0, first_scene=0,

@@ -287,8 +287,7 @@ class ToyTokenizer:
 
     def encode(self, caption, ctx_len):
         words = caption.lower().replace(",", " , ").split()
-        unknown = [w for w in words if w not in self.ids]
-        if unknown:
+        if unknown := [w for w in words if w not in self.ids]:
             raise ToyWorldError(f"word(s) {unknown} are not in the toy vocabulary: {' '.join(self.VOCAB[1:])}")
         ids = [self.ids[w] for w in words][:ctx_len]
         tokens = torch.zeros(ctx_len, dtype=torch.long)
