@@ -2,11 +2,12 @@
 
     python ablations.py --prior-base checkpoints/toy_prior_base.pt --prior-up checkpoints/toy_prior_upsample.pt
 
-Trains, from the shipped toy prior, every variant the paper compares (train.py in subprocesses,
-`--jobs` at a time, each on one CPU thread), samples held-out toy masks with each, measures the
-samples with toyworld.judge (mIoU of a toy segmenter against the input mask: faithfulness;
-Frechet distance in its feature space: "toy FID"; saturation and high-frequency energy: the
-guidance comparison) and writes `--out`/results.md and picture grids:
+Trains, from the shipped toy prior and with the toy recipe (docs/toy_world.md), every variant the
+paper compares, once per `--seeds` (train.py in subprocesses, `--jobs` at a time, each on one CPU
+thread), samples held-out toy masks with each, measures the samples with toyworld.judge (mIoU of a
+toy segmenter against the input mask: faithfulness; Frechet distance in its feature space: "toy
+FID"; saturation and high-frequency energy: the guidance comparison) and writes `--out`/results.md
+(the mean over the seeds and each seed's value) and picture grids:
 
 * finetuning (Table 3a): frozen decoder (stage 1 only) | one-stage (stage 2 from the prior) |
   two-stage (stage 1, then stage 2), the same total number of steps for the last two;
@@ -18,8 +19,10 @@ guidance comparison) and writes `--out`/results.md and picture grids:
 Finished runs are reused (their latest.pt), so an interrupted script can simply be restarted.
 
     python ablations.py --measure checkpoints/toy_mask_base.pt checkpoints/toy_mask_upsample.pt
+    python ablations.py --guidance checkpoints/toy_mask_base.pt
 
-measures two models as sample.py runs them instead (how the shipped toy models were measured).
+train nothing: the first measures two models as sample.py runs them (how the shipped toy models
+were measured), the second runs the guidance comparison with one base model, once per seed.
 """
 
 import argparse
@@ -46,54 +49,58 @@ def parse_args(argv=None):
     p.add_argument("--prior-base", default="checkpoints/toy_prior_base.pt")
     p.add_argument("--prior-up", default="checkpoints/toy_prior_upsample.pt")
     p.add_argument("--out", default="runs/ablations")
-    p.add_argument("--steps", type=int, default=300, help="steps of each finetuning stage")
-    p.add_argument("--up-steps", type=int, default=150, help="steps of each upsampler run")
+    p.add_argument("--steps", type=int, default=3000, help="steps of each finetuning stage")
+    p.add_argument("--up-steps", type=int, default=1500, help="steps of each upsampler run")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-4, help="for every run (the toy runs are short)")
+    p.add_argument("--lr", type=float, default=1e-3, help="for every run (the toy recipe's)")
     p.add_argument("--eval-n", type=int, default=100, help="held-out masks to sample and measure")
     p.add_argument("--sample-steps", default="50", help="base-model respacing for the evaluation")
     p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train and sample every variant once per seed")
     p.add_argument("--measure", nargs=2, metavar=("BASE", "UP"),
                    help="train nothing: measure these two models with sample.py's defaults on --eval-n held-out masks")
-    return p.parse_args(argv)
+    p.add_argument("--guidance", metavar="BASE", help="train nothing: the CF/NCF comparison with this base model")
+    args = p.parse_args(argv)
+    args.seed = args.seeds[0]  # --measure samples with the first
+    return args
 
 # --- training runs ---
 
-def train_command(args, stage, out, init, steps, *extra):
+def train_command(args, seed, stage, out, init, steps, *extra):
+    """One train.py run with the toy recipe: high-noise timesteps, EMA 0.999 (docs/toy_world.md)."""
     return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
             "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--seed", str(args.seed), "--save-every", str(steps), "--sample-every", "0", "--workers", "0",
-            "--resume", "auto", *extra]
+            "--timesteps", "high-noise", "--ema", "0.999", "--seed", str(seed), "--save-every", "500",
+            "--sample-every", "0", "--workers", "0", "--resume", "auto", *extra]
 
-def plan(args):
-    """name -> list of train.py commands run one after the other (a chain of stages)."""
-    o, s = args.out, args.steps
+def plan(args, seed):
+    """name -> list of train.py commands run one after the other (a chain of stages), in --out/seed<seed>."""
+    o, s = f"{args.out}/seed{seed}", args.steps
+    run = lambda *a: train_command(args, seed, *a)  # noqa: E731
     chains = {
-        "two-stage": [train_command(args, "1", f"{o}/frozen", args.prior_base, s),
-                      train_command(args, "2", f"{o}/two-stage", f"{o}/frozen/latest.pt", s)],
-        "one-stage": [train_command(args, "2", f"{o}/one-stage", args.prior_base, 2 * s)],
+        "two-stage": [run("1", f"{o}/frozen", args.prior_base, s),
+                      run("2", f"{o}/two-stage", f"{o}/frozen/latest.pt", s)],
+        "one-stage": [run("2", f"{o}/one-stage", args.prior_base, 2 * s)],
     }
     for pct in (25, 50, 100):
         limit = ["--limit", str(TOY_SCENES * pct // 100)]
         if pct != 100:  # the 100% pretrained two-stage run is "two-stage" above
-            chains[f"pretrained-{pct}"] = [
-                train_command(args, "1", f"{o}/pretrained-{pct}-s1", args.prior_base, s, *limit),
-                train_command(args, "2", f"{o}/pretrained-{pct}", f"{o}/pretrained-{pct}-s1/latest.pt", s, *limit)]
-        chains[f"scratch-{pct}"] = [train_command(args, "2", f"{o}/scratch-{pct}", "scratch", 2 * s, *limit)]
+            first = f"{o}/pretrained-{pct}-s1"
+            chains[f"pretrained-{pct}"] = [run("1", first, args.prior_base, s, *limit),
+                                           run("2", f"{o}/pretrained-{pct}", f"{first}/latest.pt", s, *limit)]
+        chains[f"scratch-{pct}"] = [run("2", f"{o}/scratch-{pct}", "scratch", 2 * s, *limit)]
     for name, perc, adv in (("up-diffusion", 0, 0), ("up-perceptual", 0.004, 0), ("up-full", 0.004, 0.01)):
-        chains[name] = [train_command(args, "up", f"{o}/{name}", args.prior_up, args.up_steps, "--random-vgg",
-                                      "--perc-weight", str(perc), "--adv-weight", str(adv), "--batch-size", "4")]
+        chains[name] = [run("up", f"{o}/{name}", args.prior_up, args.up_steps, "--random-vgg",
+                            "--perc-weight", str(perc), "--adv-weight", str(adv), "--batch-size", "4")]
     return chains
 
 def run_chain(commands):
-    for cmd in commands:
+    for cmd in commands:  # with --resume auto a finished run returns at once and an interrupted one goes on
         out = cmd[cmd.index("--out") + 1]
-        if os.path.isfile(f"{out}/latest.pt"):
-            continue  # finished by an earlier invocation
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each: runs share the cores
-        with open(f"{out}.log", "w") as log:
+        with open(f"{out}.log", "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed; see {out}.log")
 
@@ -108,54 +115,55 @@ def heldout(n, resolution=32):
     labels = np.stack([render_scene(HELDOUT_SEED0 + i, 128).label for i in range(n)])
     return cond, labels, images
 
-def sample_base(path, cond, args, w, guidance):
-    model = load_model(path)
-    g = torch.Generator().manual_seed(args.seed)
-    return sample.sample_base(model, cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
+def sample_base(path, cond, args, seed, w, guidance="ncf"):
+    g = torch.Generator().manual_seed(seed)
+    return sample.sample_base(load_model(path), cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
                               progress=False)
 
-def upsample(path, cond, low_res, args):
-    model = load_model(path)
-    g = torch.Generator().manual_seed(args.seed)
-    return sample.sample_upsampler(model, cond, low_res, generator=g, progress=False)
+def upsample(path, cond, low_res, seed):
+    g = torch.Generator().manual_seed(seed)
+    return sample.sample_upsampler(load_model(path), cond, low_res, generator=g, progress=False)
 
 def grid(columns, path, rows=4):
     """The first `rows` examples of each N x 3 x H x W column, one row per example."""
     save_grid([col[:rows] for col in columns], path)
 
-def evaluate(args):
-    torch.manual_seed(args.seed)
-    o = args.out
-    judge = get_segmenter(f"{o}/segmenter.pt")
+GUIDANCE = [(guidance, w) for guidance in ("cf", "ncf") for w in (1.0, 3.0, 5.0)]
+
+def guidance_samples(base, cond, args, seed):
+    """Fig. 6: name -> samples of `base` with CF and NCF at growing w."""
+    return {f"{guidance} w={w:g}": sample_base(base, cond, args, seed, w, guidance) for guidance, w in GUIDANCE}
+
+def evaluate(args, seed, judge):
+    """name -> (metrics, samples) of every variant trained with `seed`, sampled with it."""
+    o = f"{args.out}/seed{seed}"
     cond, labels, real = heldout(args.eval_n)
-    rows, pictures = [], {}
-
-    def measure(name, samples):
-        metrics = evaluate_samples(judge, samples, labels, reference=real)
-        rows.append({"run": name, **{k: round(v, 4) for k, v in metrics.items()}})
-        pictures[name] = samples
-        print(json.dumps(rows[-1]), flush=True)
-
-    for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
-                 "scratch-100"):
-        measure(name, sample_base(f"{o}/{name}/latest.pt", cond, args, args.w, "ncf"))
-    for guidance in ("cf", "ncf"):
-        for w in (1.0, 3.0, 5.0):
-            measure(f"{guidance} w={w:g}", sample_base(f"{o}/two-stage/latest.pt", cond, args, w, guidance))
     real_up = heldout(args.eval_n, resolution=64)[2]
-    for name in ("up-diffusion", "up-perceptual", "up-full"):
-        samples = upsample(f"{o}/{name}/latest.pt", cond, real, args)
-        metrics = evaluate_samples(judge, samples, labels, reference=real_up)
-        rows.append({"run": name, **{k: round(v, 4) for k, v in metrics.items()}})
-        pictures[name] = samples
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append({"run": "real renders", **{k: round(v, 4) for k, v in evaluate_samples(judge, real, labels).items()}})
-
+    samples = {name: sample_base(f"{o}/{name}/latest.pt", cond, args, seed, args.w)
+               for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25",
+                            "scratch-50", "scratch-100")}
+    samples.update(guidance_samples(f"{o}/two-stage/latest.pt", cond, args, seed))
+    results = {name: (evaluate_samples(judge, x, labels, reference=real), x) for name, x in samples.items()}
+    for name in ("up-diffusion", "up-perceptual", "up-full"):  # from the real 32x32 renders
+        x = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
+        results[name] = (evaluate_samples(judge, x, labels, reference=real_up), x)
+    results["real renders"] = (evaluate_samples(judge, real, labels), real)
+    pictures = {n: x for n, (_, x) in results.items()}
     grid([cond] + [pictures[n] for n in ("frozen", "one-stage", "two-stage", "scratch-100")] + [real],
          f"{o}/finetune.png")
-    grid([cond] + [pictures[f"{k} w={w:g}"] for k in ("cf", "ncf") for w in (1.0, 3.0, 5.0)], f"{o}/guidance.png")
+    grid([cond] + [pictures[f"{k} w={w:g}"] for k, w in GUIDANCE], f"{o}/guidance.png")
     grid([real] + [pictures[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
-    return rows, judge.info
+    return {n: m for n, (m, _) in results.items()}
+
+def measure_guidance(args, judge):
+    """--guidance: name -> metrics per seed of one base model at every CF/NCF strength, and a grid per seed."""
+    cond, labels, real = heldout(args.eval_n)
+    per_seed = []
+    for seed in args.seeds:
+        samples = guidance_samples(args.guidance, cond, args, seed)
+        grid([cond] + list(samples.values()), f"{args.out}/guidance_seed{seed}.png")
+        per_seed.append({n: evaluate_samples(judge, x, labels, reference=real) for n, x in samples.items()})
+    return per_seed
 
 def measure_models(args):
     """--measure: the pipeline of sample.py with its defaults (NCF w = 0.3, 250 DDPM steps, fast27
@@ -177,42 +185,49 @@ def measure_models(args):
     print(f"grid: {args.out}/measure.png (mask | base | upsampled | real render)")
     return rows, use
 
-def write_table(rows, judge_info, args, seconds):
-    lines = [f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}; "
-             f"{args.eval_n} held-out masks, base sampled with {args.sample_steps} DDPM steps, "
-             f"NCF w = {args.w:g} unless named; upsampler {args.up_steps} steps, fast27. "
-             f"Judge: toy segmenter, held-out mIoU {judge_info.get('heldout_miou', float('nan')):.3f}. "
-             f"Wall time {seconds / 60:.0f} min.", "",
+def write_table(per_seed, judge_info, args, header):
+    """results.md: one row per variant, each measure as the mean over the seeds and, in brackets, every seed's."""
+    def cell(name, key, digits):
+        values = [m[name].get(key, float("nan")) for m in per_seed]
+        each = " / ".join(f"{v:.{digits}f}" for v in values)
+        return f"{np.mean(values):.{digits}f}" + (f" ({each})" if len(values) > 1 else "")
+    lines = [f"{header} {args.eval_n} held-out masks, seeds {', '.join(map(str, args.seeds))}; judge: toy segmenter, "
+             f"held-out mIoU {judge_info.get('heldout_miou', float('nan')):.3f}.", "",
              "| run | mIoU (higher: more faithful) | toy FID (lower: more real) | saturation | HF energy |",
              "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['run']} | {r['miou']:.3f} | {r.get('fid', float('nan')):.2f} | "
-                     f"{r['saturation']:.3f} | {r['hf_energy']:.4f} |")
+    for name in per_seed[0]:
+        lines.append(f"| {name} | {cell(name, 'miou', 3)} | {cell(name, 'fid', 2)} | {cell(name, 'saturation', 3)} | "
+                     f"{cell(name, 'hf_energy', 4)} |")
     with open(f"{args.out}/results.md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 def main(argv=None):
     args = parse_args(argv)
+    needed = args.measure or ([args.guidance] if args.guidance else [args.prior_base, args.prior_up])
+    if missing := [path for path in needed if not os.path.isfile(path)]:
+        hint = "train the toy prior first (docs/toy_world.md)" if not (args.measure or args.guidance) else \
+            "give a toy base model" + (" and an upsampler" if args.measure else "")
+        print(f"error: {missing[0]} not found: {hint}", file=sys.stderr)
+        return 1
+    os.makedirs(args.out, exist_ok=True)
     if args.measure:
-        missing = [path for path in args.measure if not os.path.isfile(path)]
-        if missing:
-            print(f"error: --measure: {missing[0]} not found: give a base model and an upsampler", file=sys.stderr)
-            return 1
-        os.makedirs(args.out, exist_ok=True)
         measure_models(args)
         return 0
-    for path in (args.prior_base, args.prior_up):
-        if not os.path.isfile(path):
-            print(f"error: {path} not found: train the toy prior first (see README, 'The toy prior')", file=sys.stderr)
-            return 1
-    os.makedirs(args.out, exist_ok=True)
+    judge = get_segmenter(f"{args.out}/segmenter.pt")
     start = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:
-        for future in [pool.submit(run_chain, chain) for chain in plan(args).values()]:
-            future.result()
-    rows, judge_info = evaluate(args)
-    write_table(rows, judge_info, args, time.time() - start)
+    if args.guidance:
+        per_seed = measure_guidance(args, judge)
+        header = f"Guidance (Fig. 6) with {args.guidance}: {args.sample_steps} DDPM steps;"
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            for future in [pool.submit(run_chain, chain) for seed in args.seeds for chain in plan(args, seed).values()]:
+                future.result()
+        per_seed = [evaluate(args, seed, judge) for seed in args.seeds]
+        header = (f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}, the "
+                  f"toy recipe; base sampled with {args.sample_steps} DDPM steps, NCF w = {args.w:g} unless named; "
+                  f"upsampler {args.up_steps} steps, fast27, from the real 32x32 renders;")
+    write_table(per_seed, judge.info, args, f"{header} wall time {(time.time() - start) / 60:.0f} min;")
     return 0
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     config = dict(
         kind=kind, super_res=super_res, image_size=64 if super_res else 32, model_channels=32,
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
-        norm_groups=8,  # not GLIDE's 32: at 32 channels those are InstanceNorms (results.md, "The toy's colors")
+        # not GLIDE's 32 groups: at 32 channels those are InstanceNorms; the upsampler needs one group to pass its
+        # 64x64 input's mean color through (results.md, "The toy's colors")
+        norm_groups=1 if super_res else 8,
         noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,

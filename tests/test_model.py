@@ -100,6 +100,7 @@ def test_toy_unet_passes_its_input_mean_through_its_norms():
             eps = model(x, t, cond=cond)[:, :3], model(x + shift, t, cond=cond)[:, :3]
         moved[groups] = (eps[1] - eps[0]).mean((2, 3)).abs().mean()
     assert nanopiti.toy_config()["norm_groups"] == 8
+    assert nanopiti.toy_config(super_res=True)["norm_groups"] == 1
     assert moved[8] > 10 * moved[32]  # measured 1.0e-2 vs 2.4e-4
 
 

@@ -3,6 +3,7 @@ checkpoints (as shipped in checkpoints/) -> stage 1 -> stage 2 -> adversarial up
 guided sampling with sample.py. Keeps the README's toy commands honest."""
 
 import os
+import shutil
 
 import torch
 from PIL import Image
@@ -14,6 +15,7 @@ from nanopiti import load_model
 from nanopiti.checkpoint import export_weights, load_checkpoint
 from toyworld.judge import save_segmenter, train_segmenter
 
+ROOT = os.path.dirname(os.path.abspath(ablations.__file__))
 STEP = ["--data", "toy", "--max-steps", "1", "--batch-size", "2", "--workers", "0", "--sample-every", "0"]
 
 
@@ -56,7 +58,7 @@ def test_every_stage_then_sampling(tmp_path):
 
 
 def test_ablation_plan_covers_the_papers_comparisons():
-    chains = ablations.plan(ablations.parse_args(["--steps", "10"]))
+    chains = ablations.plan(ablations.parse_args(["--steps", "10"]), 0)
     assert set(chains) == {"two-stage", "one-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
                            "scratch-100", "up-diffusion", "up-perceptual", "up-full"}
     # one-stage trains as many steps as stage 1 + stage 2 of the two-stage run, from the same prior
@@ -69,6 +71,31 @@ def test_ablation_plan_covers_the_papers_comparisons():
     for pct in (25, 50):
         limit = lambda c: c[c.index("--limit") + 1]  # noqa: E731
         assert limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct)
+
+
+def test_ablation_seeds_train_apart_with_the_toy_recipe():
+    args = ablations.parse_args(["--seeds", "3", "4"])
+    a, b = ablations.plan(args, 3)["two-stage"], ablations.plan(args, 4)["two-stage"]
+    value = lambda c, flag: c[c.index(flag) + 1]  # noqa: E731
+    assert [value(c, "--seed") for c in a + b] == ["3", "3", "4", "4"]
+    assert value(a[1], "--out") != value(b[1], "--out") and value(a[1], "--init") == value(a[0], "--out") + "/latest.pt"
+    assert all(value(c, "--timesteps") == "high-noise" and value(c, "--ema") == "0.999" for c in a + b)
+
+
+def test_guidance_comparison_per_seed_and_its_table(tmp_path):
+    d = str(tmp_path)
+    shutil.copy(os.path.join(ROOT, "checkpoints", "toy_mask_base.pt"), d)
+    save_segmenter(train_segmenter(num_images=8, size=32, steps=2, batch_size=4, width=8), f"{d}/segmenter.pt",
+                   heldout_miou=0.5)
+    argv = ["--guidance", f"{d}/toy_mask_base.pt", "--eval-n", "2", "--sample-steps", "2", "--seeds", "0", "1",
+            "--out", d]
+    assert ablations.main(argv) == 0
+    table = open(f"{d}/results.md").read()
+    rows = [line for line in table.splitlines() if line.startswith("| cf") or line.startswith("| ncf")]
+    assert len(rows) == 6 and all(line.count(" / ") == 4 for line in rows)  # each measure: mean (seed 0 / seed 1)
+    assert os.path.isfile(f"{d}/guidance_seed0.png") and os.path.isfile(f"{d}/guidance_seed1.png")
+    # a rerun samples the same pictures: the same table, but for the wall time in its first line
+    assert ablations.main(argv) == 0 and open(f"{d}/results.md").read().split("\n", 1)[1] == table.split("\n", 1)[1]
 
 
 def test_measure_names_a_missing_model_and_writes_nothing(tmp_path, capsys):
