@@ -26,7 +26,6 @@ were measured), the second runs the guidance comparison with one base model, onc
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -135,7 +134,7 @@ def guidance_samples(base, cond, args, seed):
     return {f"{guidance} w={w:g}": sample_base(base, cond, args, seed, w, guidance) for guidance, w in GUIDANCE}
 
 def evaluate(args, seed, judge):
-    """name -> (metrics, samples) of every variant trained with `seed`, sampled with it."""
+    """name -> metrics of every variant trained with `seed`, sampled with it; grids in --out/seed<seed>."""
     o = f"{args.out}/seed{seed}"
     cond, labels, real = heldout(args.eval_n)
     real_up = heldout(args.eval_n, resolution=64)[2]
@@ -143,17 +142,16 @@ def evaluate(args, seed, judge):
                for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25",
                             "scratch-50", "scratch-100")}
     samples.update(guidance_samples(f"{o}/two-stage/latest.pt", cond, args, seed))
-    results = {name: (evaluate_samples(judge, x, labels, reference=real), x) for name, x in samples.items()}
+    metrics = {name: evaluate_samples(judge, x, labels, reference=real) for name, x in samples.items()}
     for name in ("up-diffusion", "up-perceptual", "up-full"):  # from the real 32x32 renders
-        x = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
-        results[name] = (evaluate_samples(judge, x, labels, reference=real_up), x)
-    results["real renders"] = (evaluate_samples(judge, real, labels), real)
-    pictures = {n: x for n, (_, x) in results.items()}
-    grid([cond] + [pictures[n] for n in ("frozen", "one-stage", "two-stage", "scratch-100")] + [real],
+        samples[name] = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
+        metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real_up)
+    metrics["real renders"] = evaluate_samples(judge, real, labels)
+    grid([cond] + [samples[n] for n in ("frozen", "one-stage", "two-stage", "scratch-100")] + [real],
          f"{o}/finetune.png")
-    grid([cond] + [pictures[f"{k} w={w:g}"] for k, w in GUIDANCE], f"{o}/guidance.png")
-    grid([real] + [pictures[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
-    return {n: m for n, (m, _) in results.items()}
+    grid([cond] + [samples[f"{k} w={w:g}"] for k, w in GUIDANCE], f"{o}/guidance.png")
+    grid([real] + [samples[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
+    return metrics
 
 def measure_guidance(args, judge):
     """--guidance: name -> metrics per seed of one base model at every CF/NCF strength, and a grid per seed."""
@@ -204,10 +202,13 @@ def write_table(per_seed, judge_info, args, header):
 
 def main(argv=None):
     args = parse_args(argv)
-    needed = args.measure or ([args.guidance] if args.guidance else [args.prior_base, args.prior_up])
+    if args.measure:
+        needed, hint = args.measure, "give a toy base model and an upsampler"
+    elif args.guidance:
+        needed, hint = [args.guidance], "give a toy base model"
+    else:
+        needed, hint = [args.prior_base, args.prior_up], "train the toy prior first (docs/toy_world.md)"
     if missing := [path for path in needed if not os.path.isfile(path)]:
-        hint = "train the toy prior first (docs/toy_world.md)" if not (args.measure or args.guidance) else \
-            "give a toy base model" + (" and an upsampler" if args.measure else "")
         print(f"error: {missing[0]} not found: {hint}", file=sys.stderr)
         return 1
     os.makedirs(args.out, exist_ok=True)

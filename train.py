@@ -360,8 +360,9 @@ def train(args):
         set_rng_state(generator, ckpt["rng"])
         start = int(ckpt["step"])
         for optimizer, lr in ((opt, args.lr), (disc_opt, args.disc_lr)):  # this command's rates, not the saved ones
-            for group in optimizer.param_groups if optimizer else []:
-                group["lr"] = lr
+            if optimizer is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
 
     def checkpoint_state(step):
         return {"config": config, "model": model.state_dict(), "step": step, "stage": args.stage, "task": args.task,
