@@ -13,16 +13,17 @@ FID"; saturation and high-frequency energy: the guidance comparison) and writes 
   two-stage (stage 1, then stage 2), the same total number of steps for the last two;
 * pretraining and data (Table 4): two-stage from the prior vs the same architecture trained from
   scratch, on 25%, 50% and 100% of the paired training scenes;
-* guidance (Fig. 6): CF vs NCF at w in {1, 3, 5} with the two-stage model;
 * the upsampler (Table 3b): diffusion loss only | + perceptual | + perceptual + adversarial.
 
+`--tables` picks some of them. The guidance comparison (Fig. 6) needs one model only: `--guidance`.
 Finished runs are reused (their latest.pt), so an interrupted script can simply be restarted.
 
     python ablations.py --measure checkpoints/toy_mask_base.pt checkpoints/toy_mask_upsample.pt
     python ablations.py --guidance checkpoints/toy_mask_base.pt
 
 train nothing: the first measures two models as sample.py runs them (how the shipped toy models
-were measured), the second runs the guidance comparison with one base model, once per seed.
+were measured), the second runs the guidance comparison (Fig. 6: CF vs NCF at w in {1, 3, 5}) with one base model,
+once per seed.
 """
 
 import argparse
@@ -43,6 +44,10 @@ from toyworld.data import ToyDataset
 from toyworld.judge import evaluate_samples, get_segmenter
 from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
+TABLES = {"3a": ("frozen", "one-stage", "two-stage"),  # the paper's table -> the variants it compares
+          "4": ("two-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50", "scratch-100"),
+          "3b": ("up-diffusion", "up-perceptual", "up-full")}
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prior-base", default="checkpoints/toy_prior_base.pt")
@@ -57,14 +62,21 @@ def parse_args(argv=None):
     p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train and sample every variant once per seed")
-    p.add_argument("--measure", nargs=2, metavar=("BASE", "UP"),
-                   help="train nothing: measure these two models with sample.py's defaults on --eval-n held-out masks")
+    p.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES),
+                   help="the paper's tables to rerun")
+    p.add_argument("--measure", nargs="+", metavar="BASE [UP]",
+                   help="train nothing: measure a base model (and an upsampler) with sample.py's defaults on --eval-n "
+                   "held-out conditions")
     p.add_argument("--guidance", metavar="BASE", help="train nothing: the CF/NCF comparison with this base model")
     args = p.parse_args(argv)
     args.seed = args.seeds[0]  # --measure samples with the first
     return args
 
 # --- training runs ---
+
+def variants(args):
+    """The variants of the tables in `args.tables`, each once, in the tables' order."""
+    return list(dict.fromkeys(name for table in args.tables for name in TABLES[table]))
 
 def train_command(args, seed, stage, out, init, steps, *extra):
     """One train.py run with the toy recipe: high-noise timesteps, EMA 0.999 (docs/toy_world.md)."""
@@ -74,7 +86,8 @@ def train_command(args, seed, stage, out, init, steps, *extra):
             "--sample-every", "0", "--workers", "0", "--resume", "auto", *extra]
 
 def plan(args, seed):
-    """name -> list of train.py commands run one after the other (a chain of stages), in --out/seed<seed>."""
+    """name -> list of train.py commands run one after the other (a chain of stages), in --out/seed<seed>, for
+    the variants of `args.tables` ("frozen" is the two-stage chain's first stage)."""
     o, s = f"{args.out}/seed{seed}", args.steps
     run = lambda *a: train_command(args, seed, *a)  # noqa: E731
     chains = {
@@ -92,7 +105,8 @@ def plan(args, seed):
     for name, perc, adv in (("up-diffusion", 0, 0), ("up-perceptual", 0.004, 0), ("up-full", 0.004, 0.01)):
         chains[name] = [run("up", f"{o}/{name}", args.prior_up, args.up_steps, "--random-vgg",
                             "--perc-weight", str(perc), "--adv-weight", str(adv), "--batch-size", "4")]
-    return chains
+    wanted = {"two-stage" if name == "frozen" else name for name in variants(args)}
+    return {name: chain for name, chain in chains.items() if name in wanted}
 
 def run_chain(commands):
     for cmd in commands:  # with --resume auto a finished run returns at once and an interrupted one goes on
@@ -105,9 +119,9 @@ def run_chain(commands):
 
 # --- evaluation ---
 
-def heldout(n, resolution=32):
-    """Held-out toy scenes: conditions (128x128 masks), class-id labels, real images at `resolution`."""
-    data = ToyDataset(n, "mask", resolution=resolution, cond_size=128, random_flip=False,
+def heldout(n, resolution=32, task="mask"):
+    """Held-out toy scenes: conditions of `task` at 128x128, class-id labels, real images at `resolution`."""
+    data = ToyDataset(n, task, resolution=resolution, cond_size=128, random_flip=False,
                       first_scene=HELDOUT_SEED0, vary_appearance=False)
     cond = torch.stack([data[i]["cond"] for i in range(n)])
     images = torch.stack([data[i]["image"] for i in range(n)])
@@ -129,58 +143,59 @@ def grid(columns, path, rows=4):
 
 GUIDANCE = [(guidance, w) for guidance in ("cf", "ncf") for w in (1.0, 3.0, 5.0)]
 
-def guidance_samples(base, cond, args, seed):
-    """Fig. 6: name -> samples of `base` with CF and NCF at growing w."""
-    return {f"{guidance} w={w:g}": sample_base(base, cond, args, seed, w, guidance) for guidance, w in GUIDANCE}
-
 def evaluate(args, seed, judge):
-    """name -> metrics of every variant trained with `seed`, sampled with it; grids in --out/seed<seed>."""
-    o = f"{args.out}/seed{seed}"
+    """name -> metrics of every variant of `args.tables` trained with `seed`, sampled with it; base models from
+    held-out masks, upsamplers from the real 32x32 renders; grids in --out/seed<seed>."""
+    o, names = f"{args.out}/seed{seed}", variants(args)
     cond, labels, real = heldout(args.eval_n)
     real_up = heldout(args.eval_n, resolution=64)[2]
-    samples = {name: sample_base(f"{o}/{name}/latest.pt", cond, args, seed, args.w)
-               for name in ("frozen", "one-stage", "two-stage", "pretrained-25", "pretrained-50", "scratch-25",
-                            "scratch-50", "scratch-100")}
-    samples.update(guidance_samples(f"{o}/two-stage/latest.pt", cond, args, seed))
-    metrics = {name: evaluate_samples(judge, x, labels, reference=real) for name, x in samples.items()}
-    for name in ("up-diffusion", "up-perceptual", "up-full"):  # from the real 32x32 renders
-        samples[name] = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
-        metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real_up)
+    samples, metrics = {}, {}
+    for name in names:
+        if name.startswith("up-"):
+            samples[name] = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
+            metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real_up)
+        else:
+            samples[name] = sample_base(f"{o}/{name}/latest.pt", cond, args, seed, args.w)
+            metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real)
     metrics["real renders"] = evaluate_samples(judge, real, labels)
-    grid([cond] + [samples[n] for n in ("frozen", "one-stage", "two-stage", "scratch-100")] + [real],
-         f"{o}/finetune.png")
-    grid([cond] + [samples[f"{k} w={w:g}"] for k, w in GUIDANCE], f"{o}/guidance.png")
-    grid([real] + [samples[n] for n in ("up-diffusion", "up-perceptual", "up-full")] + [real_up], f"{o}/upsampler.png")
+    if base := [samples[n] for n in names if not n.startswith("up-")]:
+        grid([cond] + base + [real], f"{o}/base.png")
+    if ups := [samples[n] for n in names if n.startswith("up-")]:
+        grid([real] + ups + [real_up], f"{o}/upsampler.png")
     return metrics
 
 def measure_guidance(args, judge):
-    """--guidance: name -> metrics per seed of one base model at every CF/NCF strength, and a grid per seed."""
+    """--guidance (Fig. 6): name -> metrics per seed of one base model at every CF/NCF strength, a grid per seed."""
     cond, labels, real = heldout(args.eval_n)
     per_seed = []
     for seed in args.seeds:
-        samples = guidance_samples(args.guidance, cond, args, seed)
+        samples = {f"{g} w={w:g}": sample_base(args.guidance, cond, args, seed, w, g) for g, w in GUIDANCE}
         grid([cond] + list(samples.values()), f"{args.out}/guidance_seed{seed}.png")
         per_seed.append({n: evaluate_samples(judge, x, labels, reference=real) for n, x in samples.items()})
     return per_seed
 
 def measure_models(args):
     """--measure: the pipeline of sample.py with its defaults (NCF w = 0.3, 250 DDPM steps, fast27
-    upsampler) on --eval-n held-out toy masks; mIoU and toy FID of the base and the upsampled
-    samples, the base model's condition measure at t = 500, and a grid (mask | base | upsampled | real)."""
+    upsampler) on --eval-n held-out toy conditions of the model's task; mIoU (against the scenes' label maps)
+    and toy FID of the base and the upsampled samples, the base model's condition measure at t = 500, and a
+    grid (condition | base | upsampled | real)."""
+    base = sample.load_piti(args.measure[0], upsampler=False)
+    up = sample.load_piti(args.measure[1], upsampler=True) if len(args.measure) == 2 else None
+    task = sample.check_pair(base, up, None)
     judge = get_segmenter(f"{args.out}/segmenter.pt")
-    cond, labels, real = heldout(args.eval_n)
-    real_up = heldout(args.eval_n, resolution=64)[2]
-    base, up = load_model(args.measure[0]), load_model(args.measure[1])
+    cond, labels, real = heldout(args.eval_n, task=task)
+    real_up = heldout(args.eval_n, resolution=64, task=task)[2]
     low, high = sample.generate(base, up, cond, cond, generator=torch.Generator().manual_seed(args.seed))
     use = condition_use(base, real, {"cond": cond}, {"cond": torch.ones_like(cond)}, timesteps=(500,))[500]
-    rows = {"base": evaluate_samples(judge, low, labels, reference=real),
-            "upsampled": evaluate_samples(judge, high, labels, reference=real_up)}
+    rows = {"base": evaluate_samples(judge, low, labels, reference=real)}
+    if up is not None:
+        rows["upsampled"] = evaluate_samples(judge, high, labels, reference=real_up)
     for name, m in rows.items():
-        print(f"{name}: mIoU {m['miou']:.3f}, toy FID {m['fid']:.2f} ({args.eval_n} held-out masks; "
+        print(f"{name}: mIoU {m['miou']:.3f}, toy FID {m['fid']:.2f} ({args.eval_n} held-out {task} conditions; "
               f"judge's own mIoU on real renders {judge.info.get('heldout_miou', float('nan')):.3f})")
     print(f"condition measure at t = 500: wrong/right {use['ratio']:.3f}, mirrored/right {use['layout']:.3f}")
-    grid([cond, low, high, real_up], f"{args.out}/measure.png", rows=min(8, args.eval_n))
-    print(f"grid: {args.out}/measure.png (mask | base | upsampled | real render)")
+    grid([cond, low] + ([high] if up is not None else []) + [real_up], f"{args.out}/measure.png", rows=min(8, args.eval_n))
+    print(f"grid: {args.out}/measure.png (condition | base |{' upsampled |' if up is not None else ''} real render)")
     return rows, use
 
 def write_table(per_seed, judge_info, args, header):
@@ -202,8 +217,12 @@ def write_table(per_seed, judge_info, args, header):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.measure and len(args.measure) > 2:
+        print(f"error: --measure takes a base model and at most one upsampler, not {len(args.measure)} files",
+              file=sys.stderr)
+        return 1
     if args.measure:
-        needed, hint = args.measure, "give a toy base model and an upsampler"
+        needed, hint = args.measure, "give a toy base model (and an upsampler)"
     elif args.guidance:
         needed, hint = [args.guidance], "give a toy base model"
     else:
@@ -213,7 +232,11 @@ def main(argv=None):
         return 1
     os.makedirs(args.out, exist_ok=True)
     if args.measure:
-        measure_models(args)
+        try:
+            measure_models(args)
+        except sample.SampleError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         return 0
     judge = get_segmenter(f"{args.out}/segmenter.pt")
     start = time.time()
@@ -225,8 +248,9 @@ def main(argv=None):
             for future in [pool.submit(run_chain, chain) for seed in args.seeds for chain in plan(args, seed).values()]:
                 future.result()
         per_seed = [evaluate(args, seed, judge) for seed in args.seeds]
-        header = (f"Toy ablations: {args.steps} steps per finetuning stage, batch {args.batch_size}, lr {args.lr}, the "
-                  f"toy recipe; base sampled with {args.sample_steps} DDPM steps, NCF w = {args.w:g} unless named; "
+        header = (f"Toy ablations (Tables {', '.join(args.tables)}): {args.steps} steps per finetuning stage, batch "
+                  f"{args.batch_size}, lr {args.lr}, the toy recipe; base sampled with {args.sample_steps} DDPM steps, "
+                  f"NCF w = {args.w:g}; "
                   f"upsampler {args.up_steps} steps, fast27, from the real 32x32 renders;")
     write_table(per_seed, judge.info, args, f"{header} wall time {(time.time() - start) / 60:.0f} min;")
     return 0

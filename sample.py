@@ -52,8 +52,9 @@ def load_piti(path, upsampler):
     """Load a PITI base model (upsampler=False) or upsampler, refusing anything else."""
     role, flag = ("upsampler", "--sr-ckpt") if upsampler else ("base model", "--ckpt")
     if Path(path).resolve() in (DEFAULT_CKPT, DEFAULT_SR_CKPT) and not Path(path).is_file():
-        raise SampleError(f"the default toy {role} {path} is missing; make it with `python ablations.py` "
-                          f"(see the README) or pass {flag}")
+        raise SampleError(f"the default toy {role} {path} is missing: it ships with the repository (restore it "
+                          f"with `git checkout -- checkpoints`; docs/toy_world.md has the commands that made it), "
+                          f"or pass {flag}")
     model = load_model(str(path))
     if model.config["kind"] == "glide":
         raise SampleError(f"{path}: it is a text-to-image GLIDE model, not a PITI model; finetune it first "

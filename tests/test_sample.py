@@ -200,7 +200,7 @@ def test_zero_guidance_all_kinds_same_image(capsys, files, tmp_path, base_and_co
     ("task_mismatch", "finetuned for the mask task"),
     ("tasks_disagree", "upsampler a sketch model"),
     ("not_a_checkpoint", "not a readable PyTorch checkpoint"),
-    ("default_missing", "python ablations.py"),
+    ("default_missing", "git checkout -- checkpoints"),
     ("bad_steps", "--steps"),
     ("one_file_many_samples", "give a folder"),
 ])

@@ -73,6 +73,26 @@ def test_ablation_plan_covers_the_papers_comparisons():
         assert limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct)
 
 
+def test_ablation_tables_pick_their_runs():
+    runs = lambda *tables: set(ablations.plan(ablations.parse_args(["--tables", *tables]), 0))  # noqa: E731
+    assert runs("3a") == {"two-stage", "one-stage"}  # frozen is the two-stage chain's stage 1
+    assert runs("3b") == {"up-diffusion", "up-perceptual", "up-full"}
+    assert runs("4", "3a") == runs("4") | {"one-stage"}
+
+
+def test_ablation_table_3a_end_to_end(tmp_path):
+    d = str(tmp_path)
+    save_segmenter(train_segmenter(num_images=8, size=32, steps=2, batch_size=4, width=8), f"{d}/segmenter.pt",
+                   heldout_miou=0.5)
+    argv = ["--tables", "3a", "--steps", "1", "--batch-size", "2", "--eval-n", "2", "--sample-steps", "2",
+            "--seeds", "0", "--jobs", "1", "--out", d]
+    assert ablations.main(argv) == 0
+    rows = [line.split(" | ")[0] for line in open(f"{d}/results.md").read().splitlines() if line.startswith("| ")]
+    assert rows[2:] == ["| frozen", "| one-stage", "| two-stage", "| real renders"]
+    assert load_checkpoint(f"{d}/seed0/two-stage/latest.pt")["step"] == 1
+    assert Image.open(f"{d}/seed0/base.png").size == (5 * 128 + 4 * 2, 2 * 128)  # mask | 3 variants | real
+
+
 def test_ablation_seeds_train_apart_with_the_toy_recipe():
     args = ablations.parse_args(["--seeds", "3", "4"])
     a, b = ablations.plan(args, 3)["two-stage"], ablations.plan(args, 4)["two-stage"]
@@ -102,3 +122,18 @@ def test_measure_names_a_missing_model_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "m"
     assert ablations.main(["--measure", str(tmp_path / "base.pt"), str(tmp_path / "up.pt"), "--out", str(out)]) == 1
     assert "base.pt not found" in capsys.readouterr().err and not out.exists()
+
+
+def test_measure_a_base_model_alone_and_refuse_a_wrong_pair(tmp_path, capsys):
+    d, ckpt = str(tmp_path), os.path.join(ROOT, "checkpoints")
+    base, up = f"{ckpt}/toy_mask_base.pt", f"{ckpt}/toy_mask_upsample.pt"
+    save_segmenter(train_segmenter(num_images=8, size=32, steps=2, batch_size=4, width=8), f"{d}/segmenter.pt",
+                   heldout_miou=0.5)
+    rows, use = ablations.measure_models(ablations.parse_args(["--measure", base, "--eval-n", "2", "--out", d]))
+    assert set(rows) == {"base"} and use["ratio"] > 1  # the shipped model listens to its masks
+    assert Image.open(f"{d}/measure.png").size == (3 * 128 + 2 * 2, 2 * 128)  # mask | base | real
+    capsys.readouterr()
+    assert ablations.main(["--measure", up, base, "--out", f"{d}/swapped"]) == 1
+    assert "this is an upsampler" in capsys.readouterr().err and not os.path.exists(f"{d}/swapped/segmenter.pt")
+    assert ablations.main(["--measure", base, up, base, "--out", f"{d}/three"]) == 1
+    assert "at most one upsampler" in capsys.readouterr().err
