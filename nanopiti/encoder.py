@@ -90,25 +90,31 @@ class ConditionCNN(nn.Module):
         return self.conv6(x)
 
 class PatchStem(nn.Module):
-    """The toy world's stem in place of ConditionCNN: each 16x16 patch's mean, projected by a 1x1 conv. Through a
-    fresh ConditionCNN's random mix the toy models ignored their masks on a CPU budget; with patch averages they
-    use them within a few hundred steps (docs/results.md, "A patch stem for the toy encoder")."""
+    """The toy world's stem in place of ConditionCNN: each 16x16 patch as the means of its grid x grid sub-patches
+    (grid 1: the patch's mean), as (mean - shift) * scale, projected by a 1x1 conv. Through a fresh ConditionCNN's
+    random mix the toy models ignored their masks on a CPU budget; with patch averages they use them within a few
+    hundred steps (docs/results.md, "A patch stem for the toy encoder"). The sketch's distance field varies
+    little within a toy scene, so its stem keeps a 4x4 grid and standardizes (docs/results.md, "Sketch and depth")."""
 
-    def __init__(self, in_channels, width):
+    def __init__(self, in_channels, width, grid=1, shift=0.0, scale=1.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 1)
+        self.grid, self.shift, self.scale = grid, shift, scale
+        self.conv1 = nn.Conv2d(in_channels * grid * grid, width, 1)
 
     def forward(self, x):
-        return self.conv1(F.avg_pool2d(x, 16))
+        means = F.avg_pool2d(x, 16 // self.grid)  # (B, C, 16/p * grid, ...): one mean per sub-patch
+        return self.conv1(F.pixel_unshuffle((means - self.shift) * self.scale, self.grid))  # a token's grid, stacked
 
 class ConditionEncoder(nn.Module):
     """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm.
-    stem="patch" swaps the CNN for the toy world's `PatchStem`."""
+    stem="patch" swaps the CNN for the toy world's `PatchStem` (of `patch_grid` and `patch_norm` = (shift, scale))."""
 
-    def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256, stem="cnn"):
+    def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256, stem="cnn", patch_grid=1,
+                 patch_norm=(0.0, 1.0)):
         super().__init__()
         self.transformer = Transformer(width, layers, heads)
-        self.cnn = ConditionCNN(in_channels, width) if stem == "cnn" else PatchStem(in_channels, width)
+        self.cnn = ConditionCNN(in_channels, width) if stem == "cnn" else PatchStem(in_channels, width, patch_grid,
+                                                                                     *patch_norm)
         self.final_ln = LayerNorm(width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         tokens = (cond_size // 16) ** 2  # the CNN downsamples 16x: 256 tokens for PITI's 256x256 input

@@ -50,7 +50,8 @@ class PITI(nn.Module):
         unet = {k: config[k] for k in UNET_KEYS if k in config}
         width = config["encoder_width"]
         self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"],
-                                        config.get("cond_size", 256), config.get("stem", "cnn"))
+                                        config.get("cond_size", 256), config.get("stem", "cnn"),
+                                        config.get("patch_grid", 1), config.get("patch_norm", (0.0, 1.0)))
         self.decoder = UNet(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
                             encoder_channels=width, cond_dim=width, **unet)
         self.config = dict(config)
@@ -94,6 +95,8 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     else:
         config.update(task=task, cond_channels=TASK_CHANNELS[task], encoder_width=64, encoder_layers=2,
                       encoder_heads=2, cond_size=128, stem="patch")
+        if task == "sketch":  # its distance field's patch means: mean -0.9, spread 0.09 (the mask's: 0.37)
+            config.update(patch_grid=4, patch_norm=[-0.9, 4.0])
     return config
 
 def build_model(config):
@@ -146,7 +149,9 @@ def infer_config(state_dict, hints=None):
                       xf_heads=hints.get("xf_heads", 8), xf_final_ln="final_ln.weight" in state_dict,
                       xf_padding="padding_embedding" in state_dict)
     else:
-        cond_channels = state_dict["encoder.cnn.conv1.weight"].shape[1]
+        stem = "cnn" if "encoder.cnn.conv2.weight" in state_dict else "patch"
+        grid = hints.get("patch_grid", 1)  # a patch stem reads grid x grid means of each channel
+        cond_channels = state_dict["encoder.cnn.conv1.weight"].shape[1] // grid ** 2
         task = {c: t for t, c in TASK_CHANNELS.items()}.get(cond_channels)
         if task is None:
             raise ModelError(f"PITI encoder takes {cond_channels} condition channels; known tasks take 3, 1 or 6")
@@ -154,7 +159,7 @@ def infer_config(state_dict, hints=None):
         config.update(task=task, cond_channels=cond_channels, encoder_width=state_dict["encoder.cls_token"].shape[-1],
                       encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8),
                       cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5),
-                      stem="cnn" if "encoder.cnn.conv2.weight" in state_dict else "patch")
+                      stem=stem, **{k: hints[k] for k in ("patch_grid", "patch_norm") if k in hints})
     return config
 
 def _read(path):

@@ -80,6 +80,14 @@ def test_toy_patch_stem_is_a_projection_of_patch_means():
     conv = model.encoder.cnn.conv1
     expected = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], means) + conv.bias[:, None, None]
     torch.testing.assert_close(model.encoder.cnn(cond), expected)
+    # the sketch's: each token reads its patch's 4x4 sub-patch means (of 4x4 pixels each), standardized
+    model = build_model(nanopiti.toy_config("piti", task="sketch"))
+    cond = torch.rand(2, 1, 128, 128) * 2 - 1
+    means = (cond.view(2, 8, 4, 4, 8, 4, 4).mean((3, 6)) + 0.9) * 4  # (b, row, a, sub-row, col, b, sub-col)
+    features = means.permute(0, 2, 4, 1, 3).reshape(2, 16, 8, 8)  # channel a * 4 + b of token (row, col)
+    conv = model.encoder.cnn.conv1
+    expected = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], features) + conv.bias[:, None, None]
+    torch.testing.assert_close(model.encoder.cnn(cond), expected)
 
 
 def test_toy_unet_passes_its_input_mean_through_its_norms():
@@ -121,13 +129,14 @@ def test_toy_encoder_starts_with_2d_positions_and_identity_blocks():
     torch.testing.assert_close(pooled, encoder.final_ln(encoder.cls_token + encoder.positional_embedding[:, :1])[:, 0].expand(2, -1))
 
 
-@pytest.mark.parametrize("stem", ["patch", "cnn"])
-def test_toy_configs_read_back_off_the_weights(stem):
-    # the shipped toy models of both stems load by their keys alone (head counts and norm groups are hints)
-    config = dict(nanopiti.toy_config("piti", super_res=True), stem=stem)
+@pytest.mark.parametrize("stem, task", [("patch", "mask"), ("cnn", "mask"), ("patch", "sketch")])
+def test_toy_configs_read_back_off_the_weights(stem, task):
+    # the shipped toy models of both stems load by their keys alone (head counts, norm groups, the patch grid are hints)
+    config = dict(nanopiti.toy_config("piti", super_res=True, task=task), stem=stem)
     with torch.device("meta"):
         model = build_model(config)
-    hints = {k: config[k] for k in ("num_head_channels", "norm_groups", "image_size", "encoder_heads")}
+    hints = {k: config[k] for k in ("num_head_channels", "norm_groups", "image_size", "encoder_heads", "patch_grid",
+                                    "patch_norm") if k in config}
     assert infer_config(model.state_dict(), hints) == config
 
 
