@@ -250,8 +250,8 @@ def main(argv=None):
         per_seed = [evaluate(args, seed, judge) for seed in args.seeds]
         header = (f"Toy ablations (Tables {', '.join(args.tables)}): {args.steps} steps per finetuning stage, batch "
                   f"{args.batch_size}, lr {args.lr}, the toy recipe; base sampled with {args.sample_steps} DDPM steps, "
-                  f"NCF w = {args.w:g}; "
-                  f"upsampler {args.up_steps} steps, fast27, from the real 32x32 renders;")
+                  f"NCF w = {args.w:g};" + (f" upsampler {args.up_steps} steps, fast27, from the real 32x32 renders;"
+                                            if "3b" in args.tables else ""))
     write_table(per_seed, judge.info, args, f"{header} wall time {(time.time() - start) / 60:.0f} min;")
     return 0
 

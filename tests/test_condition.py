@@ -169,16 +169,18 @@ def test_shipped_toy_models_follow_their_inputs():
     assert error[1] / error[0] > 10, error
 
 
-def test_shipped_toy_depth_model_follows_its_depth():
-    """checkpoints/toy_depth_base.pt, on 16 held-out scenes at t = 500: its noise error with another scene's
-    normals and depth, and with its own mirrored, over the error with its own. Measured: 1.362 and 1.233."""
+@pytest.mark.parametrize("task", ["depth", "sketch"])
+def test_shipped_toy_depth_and_sketch_models_follow_their_conditions(task):
+    """checkpoints/toy_<task>_base.pt, on 16 held-out scenes at t = 500: its noise error with another scene's
+    condition, and with its own mirrored, over the error with its own. Measured: depth 1.362 and 1.233,
+    sketch 1.988 and 1.764."""
     from toyworld.data import ToyDataset
     from toyworld.world import HELDOUT_SEED0
 
-    data = ToyDataset(16, "depth", resolution=32, cond_size=128, random_flip=False, first_scene=HELDOUT_SEED0,
+    data = ToyDataset(16, task, resolution=32, cond_size=128, random_flip=False, first_scene=HELDOUT_SEED0,
                       vary_appearance=False)
     image, cond = (torch.stack([data[i][k] for i in range(16)]) for k in ("image", "cond"))
-    model = load_model(Path(__file__).resolve().parent.parent / "checkpoints" / "toy_depth_base.pt")
+    model = load_model(Path(__file__).resolve().parent.parent / "checkpoints" / f"toy_{task}_base.pt")
     with torch.no_grad():
         use = condition_use(model, image, {"cond": cond}, {"cond": torch.ones_like(cond)}, timesteps=(500,))[500]
     assert use["ratio"] > 1.25 and use["layout"] > 1.15, use
