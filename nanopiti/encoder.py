@@ -102,7 +102,7 @@ class PatchStem(nn.Module):
         self.conv1 = nn.Conv2d(in_channels * grid * grid, width, 1)
 
     def forward(self, x):
-        means = F.avg_pool2d(x, 16 // self.grid)  # (B, C, 16/p * grid, ...): one mean per sub-patch
+        means = F.avg_pool2d(x, 16 // self.grid)  # (B, C, H/16 * grid, W/16 * grid): one mean per sub-patch
         return self.conv1(F.pixel_unshuffle((means - self.shift) * self.scale, self.grid))  # a token's grid, stacked
 
 class ConditionEncoder(nn.Module):
