@@ -21,9 +21,9 @@ Finished runs are reused (their latest.pt), so an interrupted script can simply 
     python ablations.py --measure checkpoints/toy_mask_base.pt checkpoints/toy_mask_upsample.pt
     python ablations.py --guidance checkpoints/toy_mask_base.pt
 
-train nothing: the first measures two models as sample.py runs them (how the shipped toy models
-were measured), the second runs the guidance comparison (Fig. 6: CF vs NCF at w in {1, 3, 5}) with one base model,
-once per seed.
+train nothing: the first measures a base model (and an upsampler) as sample.py runs them (how the
+shipped toy models were measured), the second runs the guidance comparison (Fig. 6: CF vs NCF at
+w in {1, 3, 5}) with one base model, once per seed.
 """
 
 import argparse
@@ -141,28 +141,25 @@ def grid(columns, path, rows=4):
     """The first `rows` examples of each N x 3 x H x W column, one row per example."""
     save_grid([col[:rows] for col in columns], path)
 
-GUIDANCE = [(guidance, w) for guidance in ("cf", "ncf") for w in (1.0, 3.0, 5.0)]
-
 def evaluate(args, seed, judge):
     """name -> metrics of every variant of `args.tables` trained with `seed`, sampled with it; base models from
     held-out masks, upsamplers from the real 32x32 renders; grids in --out/seed<seed>."""
     o, names = f"{args.out}/seed{seed}", variants(args)
     cond, labels, real = heldout(args.eval_n)
     real_up = heldout(args.eval_n, resolution=64)[2]
-    samples, metrics = {}, {}
-    for name in names:
-        if name.startswith("up-"):
-            samples[name] = upsample(f"{o}/{name}/latest.pt", cond, real, seed)
-            metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real_up)
-        else:
-            samples[name] = sample_base(f"{o}/{name}/latest.pt", cond, args, seed, args.w)
-            metrics[name] = evaluate_samples(judge, samples[name], labels, reference=real)
+    ups = [name for name in names if name.startswith("up-")]
+    samples = {name: upsample(f"{o}/{name}/latest.pt", cond, real, seed) if name in ups else
+               sample_base(f"{o}/{name}/latest.pt", cond, args, seed, args.w) for name in names}
+    metrics = {name: evaluate_samples(judge, x, labels, reference=real_up if name in ups else real)
+               for name, x in samples.items()}
     metrics["real renders"] = evaluate_samples(judge, real, labels)
-    if base := [samples[n] for n in names if not n.startswith("up-")]:
+    if base := [x for name, x in samples.items() if name not in ups]:
         grid([cond] + base + [real], f"{o}/base.png")
-    if ups := [samples[n] for n in names if n.startswith("up-")]:
-        grid([real] + ups + [real_up], f"{o}/upsampler.png")
+    if ups:
+        grid([real] + [samples[name] for name in ups] + [real_up], f"{o}/upsampler.png")
     return metrics
+
+GUIDANCE = [(guidance, w) for guidance in ("cf", "ncf") for w in (1.0, 3.0, 5.0)]
 
 def measure_guidance(args, judge):
     """--guidance (Fig. 6): name -> metrics per seed of one base model at every CF/NCF strength, a grid per seed."""
@@ -194,7 +191,8 @@ def measure_models(args):
         print(f"{name}: mIoU {m['miou']:.3f}, toy FID {m['fid']:.2f} ({args.eval_n} held-out {task} conditions; "
               f"judge's own mIoU on real renders {judge.info.get('heldout_miou', float('nan')):.3f})")
     print(f"condition measure at t = 500: wrong/right {use['ratio']:.3f}, mirrored/right {use['layout']:.3f}")
-    grid([cond, low] + ([high] if up is not None else []) + [real_up], f"{args.out}/measure.png", rows=min(8, args.eval_n))
+    columns = [cond, low] + ([high] if up is not None else []) + [real_up]
+    grid(columns, f"{args.out}/measure.png", rows=min(8, args.eval_n))
     print(f"grid: {args.out}/measure.png (condition | base |{' upsampled |' if up is not None else ''} real render)")
     return rows, use
 

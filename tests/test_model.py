@@ -131,7 +131,7 @@ def test_toy_encoder_starts_with_2d_positions_and_identity_blocks():
 
 @pytest.mark.parametrize("stem, task", [("patch", "mask"), ("cnn", "mask"), ("patch", "sketch")])
 def test_toy_configs_read_back_off_the_weights(stem, task):
-    # the shipped toy models of both stems load by their keys alone (head counts, norm groups, the patch grid are hints)
+    # the shipped toy models of both stems load by their keys alone (head counts, norm groups, patch grid: hints)
     config = dict(nanopiti.toy_config("piti", super_res=True, task=task), stem=stem)
     with torch.device("meta"):
         model = build_model(config)
