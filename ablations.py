@@ -200,6 +200,8 @@ def write_table(per_seed, judge_info, args, header):
     """results.md: one row per variant, each measure as the mean over the seeds and, in brackets, every seed's."""
     def cell(name, key, digits):
         values = [m[name].get(key, float("nan")) for m in per_seed]
+        if all(np.isnan(values)):  # a measure this row has not (the real renders' toy FID)
+            return "-"
         each = " / ".join(f"{v:.{digits}f}" for v in values)
         return f"{np.mean(values):.{digits}f}" + (f" ({each})" if len(values) > 1 else "")
     lines = [f"{header} {args.eval_n} held-out masks, seeds {', '.join(map(str, args.seeds))}; judge: toy segmenter, "
