@@ -127,6 +127,16 @@ def test_copy_task_learns_where_its_condition_puts_things():
     assert use["ratio"] > 1.25 and use["layout"] > 1.1, use
 
 
+def heldout_toy(task, resolution):
+    """16 held-out toy scenes of `task`; at 64 the upsampler's pairs, with their 32x32 low-res pictures."""
+    from toyworld.data import ToyDataset
+    from toyworld.world import HELDOUT_SEED0
+
+    data = ToyDataset(16, task, resolution=resolution, cond_size=128, random_flip=False,
+                      upsampler=resolution == 64, low_res=32, first_scene=HELDOUT_SEED0, vary_appearance=False)
+    return {k: torch.stack([data[i][k] for i in range(16)]) for k in data[0] if k in ("image", "cond", "low_res")}
+
+
 def test_shipped_toy_models_follow_their_inputs():
     """The shipped toy models (checkpoints/), on 16 held-out scenes: the base model predicts the noise
     far better with its own mask than with another scene's or its own mirrored (t = 500), its predicted
@@ -134,17 +144,9 @@ def test_shipped_toy_models_follow_their_inputs():
     one group), and the upsampler predicts far better with its own low-res picture than with another's.
     Measured: ratio 4.91, layout 3.43, mean gain 0.43; upsampler: mean gain 0.76, low-res ratio 19.6 (the
     8-group upsampler shipped before it: 0.26 and 8.07)."""
-    from toyworld.data import ToyDataset
-    from toyworld.world import HELDOUT_SEED0
-
-    def heldout(resolution):  # at 64: the upsampler's pairs, with their 32x32 low-res pictures
-        data = ToyDataset(16, "mask", resolution=resolution, cond_size=128, random_flip=False,
-                          upsampler=resolution == 64, low_res=32, first_scene=HELDOUT_SEED0, vary_appearance=False)
-        return {k: torch.stack([data[i][k] for i in range(16)]) for k in data[0] if k in ("image", "cond", "low_res")}
-
     checkpoints = Path(__file__).resolve().parent.parent / "checkpoints"
     base, up = load_model(checkpoints / "toy_mask_base.pt"), load_model(checkpoints / "toy_mask_upsample.pt")
-    small, large = heldout(32), heldout(64)
+    small, large = heldout_toy("mask", 32), heldout_toy("mask", 64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         use = condition_use(base, small["image"], {"cond": small["cond"]}, {"cond": torch.ones_like(small["cond"])},
@@ -175,17 +177,9 @@ def test_shipped_toy_depth_and_sketch_models_follow_their_conditions(task):
     condition, and with its own mirrored, over the error with its own; toy_<task>_upsample.pt: its noise error
     with another scene's low-res picture over the error with its own. Measured: depth 1.362 and 1.233, upsampler
     15.3; sketch 1.988 and 1.764, upsampler 17.0."""
-    from toyworld.data import ToyDataset
-    from toyworld.world import HELDOUT_SEED0
-
-    def heldout(resolution):  # at 64: the upsampler's pairs, with their 32x32 low-res pictures
-        data = ToyDataset(16, task, resolution=resolution, cond_size=128, random_flip=False,
-                          upsampler=resolution == 64, low_res=32, first_scene=HELDOUT_SEED0, vary_appearance=False)
-        return {k: torch.stack([data[i][k] for i in range(16)]) for k in data[0] if k in ("image", "cond", "low_res")}
-
     checkpoints = Path(__file__).resolve().parent.parent / "checkpoints"
     base, up = load_model(checkpoints / f"toy_{task}_base.pt"), load_model(checkpoints / f"toy_{task}_upsample.pt")
-    small, large = heldout(32), heldout(64)
+    small, large = heldout_toy(task, 32), heldout_toy(task, 64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         use = condition_use(base, small["image"], {"cond": small["cond"]}, {"cond": torch.ones_like(small["cond"])},
