@@ -127,6 +127,9 @@ def test_copy_task_learns_where_its_condition_puts_things():
     assert use["ratio"] > 1.25 and use["layout"] > 1.1, use
 
 
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
+
+
 def heldout_toy(task, resolution):
     """16 held-out toy scenes of `task`; at 64 the upsampler's pairs, with their 32x32 low-res pictures."""
     from toyworld.data import ToyDataset
@@ -137,6 +140,20 @@ def heldout_toy(task, resolution):
     return {k: torch.stack([data[i][k] for i in range(16)]) for k in data[0] if k in ("image", "cond", "low_res")}
 
 
+def condition_use_at_500(base, pairs):
+    """A shipped base model's condition measure on `pairs` at t = 500 (wrong and mirrored over right)."""
+    return condition_use(base, pairs["image"], {"cond": pairs["cond"]}, {"cond": torch.ones_like(pairs["cond"])},
+                         timesteps=(500,))[500]
+
+
+def low_res_errors(up, pairs, noise):
+    """An upsampler's noise error at t = 500 with each scene's own low-res picture, then with another scene's."""
+    diffusion, t = model_diffusion(up.config["noise_schedule"]), torch.full((16,), 500)
+    x_t = diffusion.q_sample(pairs["image"], t, noise)
+    return [float(((up(x_t, diffusion.model_timesteps(t), cond=pairs["cond"], low_res=low)[:, :3] - noise) ** 2)
+                  .mean()) for low in (pairs["low_res"], pairs["low_res"].roll(1, 0))]
+
+
 def test_shipped_toy_models_follow_their_inputs():
     """The shipped toy models (checkpoints/), on 16 held-out scenes: the base model predicts the noise
     far better with its own mask than with another scene's or its own mirrored (t = 500), its predicted
@@ -144,13 +161,11 @@ def test_shipped_toy_models_follow_their_inputs():
     one group), and the upsampler predicts far better with its own low-res picture than with another's.
     Measured: ratio 4.91, layout 3.43, mean gain 0.43; upsampler: mean gain 0.76, low-res ratio 19.6 (the
     8-group upsampler shipped before it: 0.26 and 8.07)."""
-    checkpoints = Path(__file__).resolve().parent.parent / "checkpoints"
-    base, up = load_model(checkpoints / "toy_mask_base.pt"), load_model(checkpoints / "toy_mask_upsample.pt")
+    base, up = load_model(CHECKPOINTS / "toy_mask_base.pt"), load_model(CHECKPOINTS / "toy_mask_upsample.pt")
     small, large = heldout_toy("mask", 32), heldout_toy("mask", 64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        use = condition_use(base, small["image"], {"cond": small["cond"]}, {"cond": torch.ones_like(small["cond"])},
-                            timesteps=(500,))[500]
+        use = condition_use_at_500(base, small)
         diffusion, t = model_diffusion(base.config["noise_schedule"]), torch.full((16,), 900)
         x_t = diffusion.q_sample(small["image"], t, torch.randn(small["image"].shape, generator=g))
         shift = torch.tensor([0.1, 0.0, 0.0]).view(1, 3, 1, 1)
@@ -161,10 +176,7 @@ def test_shipped_toy_models_follow_their_inputs():
         x_t = diffusion.q_sample(large["image"], torch.full((16,), 900), torch.randn(large["image"].shape, generator=g))
         eps = [up(x, diffusion.model_timesteps(torch.full((16,), 900)), **kw)[:, :3] for x in (x_t, x_t + shift)]
         up_gain = float((eps[1] - eps[0])[:, 0].mean() / 0.1)
-        t, noise = torch.full((16,), 500), torch.randn(large["image"].shape, generator=g)
-        x_t = diffusion.q_sample(large["image"], t, noise)
-        error = [float(((up(x_t, diffusion.model_timesteps(t), cond=large["cond"], low_res=low)[:, :3] - noise) ** 2)
-                        .mean()) for low in (large["low_res"], large["low_res"].roll(1, 0))]
+        error = low_res_errors(up, large, torch.randn(large["image"].shape, generator=g))
     assert use["ratio"] > 2.5 and use["layout"] > 2.0, use
     assert gain > 0.25, gain  # the 32-group models: 0.018
     assert up_gain > 0.6, up_gain  # the upsampler with 8 groups: 0.26
@@ -177,17 +189,11 @@ def test_shipped_toy_depth_and_sketch_models_follow_their_conditions(task):
     condition, and with its own mirrored, over the error with its own; toy_<task>_upsample.pt: its noise error
     with another scene's low-res picture over the error with its own. Measured: depth 1.362 and 1.233, upsampler
     15.3; sketch 1.988 and 1.764, upsampler 17.0."""
-    checkpoints = Path(__file__).resolve().parent.parent / "checkpoints"
-    base, up = load_model(checkpoints / f"toy_{task}_base.pt"), load_model(checkpoints / f"toy_{task}_upsample.pt")
+    base, up = load_model(CHECKPOINTS / f"toy_{task}_base.pt"), load_model(CHECKPOINTS / f"toy_{task}_upsample.pt")
     small, large = heldout_toy(task, 32), heldout_toy(task, 64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        use = condition_use(base, small["image"], {"cond": small["cond"]}, {"cond": torch.ones_like(small["cond"])},
-                            timesteps=(500,))[500]
-        diffusion, t = model_diffusion(up.config["noise_schedule"]), torch.full((16,), 500)
-        noise = torch.randn(large["image"].shape, generator=g)
-        x_t = diffusion.q_sample(large["image"], t, noise)
-        error = [float(((up(x_t, diffusion.model_timesteps(t), cond=large["cond"], low_res=low)[:, :3] - noise) ** 2)
-                        .mean()) for low in (large["low_res"], large["low_res"].roll(1, 0))]
+        use = condition_use_at_500(base, small)
+        error = low_res_errors(up, large, torch.randn(large["image"].shape, generator=g))
     assert use["ratio"] > 1.25 and use["layout"] > 1.15, use
     assert error[1] / error[0] > 10, error
