@@ -130,14 +130,16 @@ def test_copy_task_learns_where_its_condition_puts_things():
 CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 
 
-def heldout_toy(task, resolution):
-    """16 held-out toy scenes of `task`; at 64 the upsampler's pairs, with their 32x32 low-res pictures."""
+def heldout_toy(task, resolution, n=16):
+    """n held-out toy scenes of `task` and their captions; at 64 the upsampler's pairs, with 32x32 low-res pictures."""
     from toyworld.data import ToyDataset
     from toyworld.world import HELDOUT_SEED0
 
-    data = ToyDataset(16, task, resolution=resolution, cond_size=128, random_flip=False,
+    data = ToyDataset(n, task, resolution=resolution, cond_size=128, random_flip=False,
                       upsampler=resolution == 64, low_res=32, first_scene=HELDOUT_SEED0, vary_appearance=False)
-    return {k: torch.stack([data[i][k] for i in range(16)]) for k in data[0] if k in ("image", "cond", "low_res")}
+    samples = [data[i] for i in range(n)]
+    pairs = {k: torch.stack([s[k] for s in samples]) for k in samples[0] if k in ("image", "cond", "low_res")}
+    return {**pairs, "caption": [s["caption"] for s in samples]}
 
 
 def condition_use_at_500(base, pairs):
@@ -204,14 +206,9 @@ def test_shipped_toy_text_prior_follows_its_captions():
     caption over the error with the scene's own (issue 12's target: 1.05), and the null caption in between.
     Measured 1.083 (1.064 and 1.067 at 128 scenes, two noise draws); the prior shipped before it (1,500 steps,
     32 norm groups): 1.020."""
-    from toyworld.data import ToyDataset
-    from toyworld.world import HELDOUT_SEED0
     from train import model_kwargs  # the captions as train.py tokenizes them
 
-    prior = load_model(CHECKPOINTS / "toy_prior_base.pt")
-    data = ToyDataset(64, "mask", resolution=32, cond_size=128, random_flip=False, first_scene=HELDOUT_SEED0,
-                      vary_appearance=False)
-    image, captions = torch.stack([data[i]["image"] for i in range(64)]), [data[i]["caption"] for i in range(64)]
+    prior, scenes = load_model(CHECKPOINTS / "toy_prior_base.pt"), heldout_toy("mask", 32, n=64)
     with torch.no_grad():
-        use = condition_use(prior, image, *model_kwargs(prior, {"caption": captions}, "cpu"), timesteps=(500,))[500]
+        use = condition_use(prior, scenes["image"], *model_kwargs(prior, scenes, "cpu"), timesteps=(500,))[500]
     assert use["ratio"] > 1.05 and use["null"] < use["wrong"], use
