@@ -211,4 +211,4 @@ def test_shipped_toy_text_prior_follows_its_captions():
     prior, scenes = load_model(CHECKPOINTS / "toy_prior_base.pt"), heldout_toy("mask", 32, n=64)
     with torch.no_grad():
         use = condition_use(prior, scenes["image"], *model_kwargs(prior, scenes, "cpu"), timesteps=(500,))[500]
-    assert use["ratio"] > 1.05 and use["null"] < use["wrong"], use
+    assert use["ratio"] > 1.05 and use["right"] < use["null"] < use["wrong"], use
