@@ -143,14 +143,16 @@ def heldout_toy(task, resolution, n=16):
 
 
 def condition_use_at_500(base, pairs):
-    """A shipped base model's condition measure on `pairs` at t = 500 (wrong and mirrored over right)."""
-    return condition_use(base, pairs["image"], {"cond": pairs["cond"]}, {"cond": torch.ones_like(pairs["cond"])},
-                         timesteps=(500,))[500]
+    """A shipped base model's condition measure on `pairs` at t = 500 (wrong, null and for a picture mirrored, over
+    right), with the condition (a picture or a caption) and its null as train.py gives them."""
+    from train import model_kwargs
+
+    return condition_use(base, pairs["image"], *model_kwargs(base, pairs, "cpu"), timesteps=(500,))[500]
 
 
 def low_res_errors(up, pairs, noise):
     """An upsampler's noise error at t = 500 with each scene's own low-res picture, then with another scene's."""
-    diffusion, t = model_diffusion(up.config["noise_schedule"]), torch.full((16,), 500)
+    diffusion, t = model_diffusion(up.config["noise_schedule"]), torch.full((pairs["image"].shape[0],), 500)
     x_t = diffusion.q_sample(pairs["image"], t, noise)
     return [float(((up(x_t, diffusion.model_timesteps(t), cond=pairs["cond"], low_res=low)[:, :3] - noise) ** 2)
                   .mean()) for low in (pairs["low_res"], pairs["low_res"].roll(1, 0))]
@@ -206,9 +208,7 @@ def test_shipped_toy_text_prior_follows_its_captions():
     caption over the error with the scene's own (issue 12's target: 1.05), and the null caption in between.
     Measured 1.083 (1.064 and 1.067 at 128 scenes, two noise draws); the prior shipped before it (1,500 steps,
     32 norm groups): 1.020."""
-    from train import model_kwargs  # the captions as train.py tokenizes them
-
-    prior, scenes = load_model(CHECKPOINTS / "toy_prior_base.pt"), heldout_toy("mask", 32, n=64)
+    prior = load_model(CHECKPOINTS / "toy_prior_base.pt")
     with torch.no_grad():
-        use = condition_use(prior, scenes["image"], *model_kwargs(prior, scenes, "cpu"), timesteps=(500,))[500]
+        use = condition_use_at_500(prior, heldout_toy("mask", 32, n=64))
     assert use["ratio"] > 1.05 and use["right"] < use["null"] < use["wrong"], use
