@@ -11,8 +11,8 @@ FID"; saturation and high-frequency energy: the guidance comparison) and writes 
 
 * finetuning (Table 3a): frozen decoder (stage 1 only) | one-stage (stage 2 from the prior) |
   two-stage (stage 1, then stage 2), the same total number of steps for the last two;
-* pretraining and data (Table 4): two-stage from the prior vs the same architecture trained from
-  scratch, on 25%, 50% and 100% of the paired training scenes;
+* pretraining and data (Table 4): two-stage and one-stage from the prior vs the same architecture trained
+  from scratch, on 25%, 50% and 100% of the paired training scenes;
 * the upsampler (Table 3b): diffusion loss only | + perceptual | + perceptual + adversarial.
 
 `--tables` picks some of them. The guidance comparison (Fig. 6) needs one model only: `--guidance`.
@@ -45,7 +45,8 @@ from toyworld.judge import evaluate_samples, get_segmenter
 from toyworld.world import HELDOUT_SEED0, TOY_SCENES, render_scene
 
 TABLES = {"3a": ("frozen", "one-stage", "two-stage"),  # the paper's table -> the variants it compares
-          "4": ("two-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50", "scratch-100"),
+          "4": ("two-stage", "pretrained-25", "pretrained-50", "one-stage", "one-stage-25", "one-stage-50",
+                "scratch-25", "scratch-50", "scratch-100"),
           "3b": ("up-diffusion", "up-perceptual", "up-full")}
 
 def parse_args(argv=None):
@@ -97,10 +98,11 @@ def plan(args, seed):
     }
     for pct in (25, 50, 100):
         limit = ["--limit", str(TOY_SCENES * pct // 100)]
-        if pct != 100:  # the 100% pretrained two-stage run is "two-stage" above
+        if pct != 100:  # the 100% pretrained runs are "two-stage" and "one-stage" above
             first = f"{o}/pretrained-{pct}-s1"
             chains[f"pretrained-{pct}"] = [run("1", first, args.prior_base, s, *limit),
                                            run("2", f"{o}/pretrained-{pct}", f"{first}/latest.pt", s, *limit)]
+            chains[f"one-stage-{pct}"] = [run("2", f"{o}/one-stage-{pct}", args.prior_base, 2 * s, *limit)]
         chains[f"scratch-{pct}"] = [run("2", f"{o}/scratch-{pct}", "scratch", 2 * s, *limit)]
     for name, perc, adv in (("up-diffusion", 0, 0), ("up-perceptual", 0.004, 0), ("up-full", 0.004, 0.01)):
         chains[name] = [run("up", f"{o}/{name}", args.prior_up, args.up_steps, "--random-vgg",

@@ -59,25 +59,27 @@ def test_every_stage_then_sampling(tmp_path):
 
 def test_ablation_plan_covers_the_papers_comparisons():
     chains = ablations.plan(ablations.parse_args(["--steps", "10"]), 0)
-    assert set(chains) == {"two-stage", "one-stage", "pretrained-25", "pretrained-50", "scratch-25", "scratch-50",
-                           "scratch-100", "up-diffusion", "up-perceptual", "up-full"}
+    assert set(chains) == {"two-stage", "one-stage", "pretrained-25", "pretrained-50", "one-stage-25", "one-stage-50",
+                           "scratch-25", "scratch-50", "scratch-100", "up-diffusion", "up-perceptual", "up-full"}
     # one-stage trains as many steps as stage 1 + stage 2 of the two-stage run, from the same prior
     two, one = chains["two-stage"], chains["one-stage"]
     assert [c[c.index("--stage") + 1] for c in two] == ["1", "2"] and one[0][one[0].index("--stage") + 1] == "2"
     steps = lambda c: int(c[c.index("--max-steps") + 1])  # noqa: E731
     assert steps(one[0]) == steps(two[0]) + steps(two[1])
     assert one[0][one[0].index("--init") + 1] == two[0][two[0].index("--init") + 1]
-    # pretrained and scratch runs see the same share of the data
+    # pretrained (two-stage and one-stage) and scratch runs see the same share of the data
     for pct in (25, 50):
         limit = lambda c: c[c.index("--limit") + 1]  # noqa: E731
-        assert limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct)
+        assert (limit(chains[f"pretrained-{pct}"][0]) == limit(chains[f"pretrained-{pct}"][1])
+                == limit(chains[f"one-stage-{pct}"][0]) == limit(chains[f"scratch-{pct}"][0]) == str(18 * pct))
+        assert steps(chains[f"one-stage-{pct}"][0]) == steps(one[0])
 
 
 def test_ablation_tables_pick_their_runs():
     runs = lambda *tables: set(ablations.plan(ablations.parse_args(["--tables", *tables]), 0))  # noqa: E731
     assert runs("3a") == {"two-stage", "one-stage"}  # frozen is the two-stage chain's stage 1
     assert runs("3b") == {"up-diffusion", "up-perceptual", "up-full"}
-    assert runs("4", "3a") == runs("4") | {"one-stage"}
+    assert runs("4", "3a") == runs("4")  # Table 4 has both finetuning strategies at 100%
 
 
 def test_ablation_table_3a_end_to_end(tmp_path):
