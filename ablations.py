@@ -117,7 +117,8 @@ def run_chain(commands):
         env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each: runs share the cores
         with open(f"{out}.log", "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed; see {out}.log")
+                raise RuntimeError(f"train.py for {out} failed: see {out}.log, fix what it says and rerun this command "
+                                   "(finished runs are reused)")
 
 # --- evaluation ---
 
@@ -247,8 +248,10 @@ def main(argv=None):
         header = f"Guidance (Fig. 6) with {args.guidance}: {args.sample_steps} DDPM steps;"
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
-            for future in [pool.submit(run_chain, chain) for seed in args.seeds for chain in plan(args, seed).values()]:
-                future.result()
+            futures = [pool.submit(run_chain, chain) for seed in args.seeds for chain in plan(args, seed).values()]
+        if failed := [f.exception() for f in futures if f.exception() is not None]:  # the others ran to their end
+            print(f"error: {failed[0]}", file=sys.stderr)
+            return 1
         per_seed = [evaluate(args, seed, judge) for seed in args.seeds]
         header = (f"Toy ablations (Tables {', '.join(args.tables)}): {args.steps} steps per finetuning stage, batch "
                   f"{args.batch_size}, lr {args.lr}, the toy recipe; base sampled with {args.sample_steps} DDPM steps, "

@@ -96,6 +96,21 @@ def test_ablation_table_3a_end_to_end(tmp_path):
     assert Image.open(f"{d}/seed0/base.png").size == (5 * 128 + 4 * 2, 2 * 128)  # mask | 3 variants | real
 
 
+def test_ablation_names_a_failed_training_run_in_one_line(tmp_path, capsys):
+    d = str(tmp_path)
+    save_segmenter(train_segmenter(num_images=8, size=32, steps=2, batch_size=4, width=8), f"{d}/segmenter.pt",
+                   heldout_miou=0.5)
+    with open(f"{d}/prior.pt", "w") as f:
+        f.write("not a checkpoint")
+    capsys.readouterr()  # the segmenter's progress bar
+    argv = ["--tables", "3a", "--prior-base", f"{d}/prior.pt", "--steps", "1", "--seeds", "0", "--jobs", "1", "--out", d]
+    assert ablations.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: train.py for ") and "failed: see" in err
+    log = err.split("see ")[1].split(",")[0]
+    assert "not a PyTorch checkpoint" in open(log).read() and not os.path.exists(f"{d}/results.md")
+
+
 def test_ablation_seeds_train_apart_with_the_toy_recipe():
     args = ablations.parse_args(["--seeds", "3", "4"])
     a, b = ablations.plan(args, 3)["two-stage"], ablations.plan(args, 4)["two-stage"]
