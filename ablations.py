@@ -249,7 +249,7 @@ def main(argv=None):
     else:
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = [pool.submit(run_chain, chain) for seed in args.seeds for chain in plan(args, seed).values()]
-        if failed := [f.exception() for f in futures if f.exception() is not None]:  # the others ran to their end
+        if failed := [e for e in (f.exception() for f in futures) if e is not None]:  # the others ran to their end
             print(f"error: {failed[0]}", file=sys.stderr)
             return 1
         per_seed = [evaluate(args, seed, judge) for seed in args.seeds]
