@@ -25,8 +25,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from nanopiti import ModelError, build_model
-from nanopiti.checkpoint import (CheckpointError, folder_problem, latest_checkpoint, load_checkpoint, open_log,
-                                 rng_state, run_lock, save_checkpoint, set_rng_state)
+from nanopiti.checkpoint import (CheckpointError, folder_problem, load_checkpoint, open_log, rng_state, run_lock,
+                                 save_checkpoint, set_rng_state)
 from nanopiti.data import DataError, EpochIndexed, PairedDataset, StepBatches, SyntheticPairs, collate_skip_none
 from nanopiti.diffusion import DiffusionError, model_diffusion
 from nanopiti.disc import GAN_LOSSES, PatchDiscriminator, critic_step, generator_loss
@@ -58,8 +58,8 @@ def get_args(argv=None):
     p.add_argument("--limit", type=int, help="use only the first N training pairs")
     p.add_argument("--task", choices=sorted(TASK_CHANNELS), help="condition type (default: the dataset's; toy: mask)")
     p.add_argument("--model-size", choices=["full", "toy"], help="default: toy for --data toy, else full")
-    p.add_argument("--init", help="weights to start from: stage 1 a GLIDE base.pt or stage-0 checkpoint; stage 2 "
-                   "a stage-1 checkpoint (or a text prior, or 'scratch'); stage up GLIDE upsample.pt or a stage-0 upsampler")
+    p.add_argument("--init", help="stage 1: GLIDE base.pt or a stage-0 checkpoint; 2: a stage-1 checkpoint (or a text "
+                   "prior, or 'scratch'); up: GLIDE upsample.pt or a stage-0 upsampler")
     p.add_argument("--resume", help="a checkpoint of this run to continue, or 'auto' (latest.pt in --out, if any)")
     p.add_argument("--out", help="output folder (default runs/stage<stage>-<task or model>)")
     p.add_argument("--max-steps", type=int, default=1000)
@@ -82,7 +82,7 @@ def get_args(argv=None):
     p.add_argument("--disc-lr", type=float, default=1e-5, help="discriminator Adam learning rate")
     p.add_argument("--vgg-weights", help="torchvision's vgg19-dcbccd4d.pth for the perceptual loss")
     p.add_argument("--random-vgg", action="store_true", help="random VGG features (offline toy runs only)")
-    p.add_argument("--save-every", type=int, default=1000, help="save latest.pt every N steps and at the end (0: never)")
+    p.add_argument("--save-every", type=int, default=1000, help="latest.pt every N steps and at the end (0: never)")
     p.add_argument("--keep-every", type=int, default=0, help="also keep step_NNNNNN.pt every N steps")
     p.add_argument("--sample-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=10)
@@ -99,7 +99,7 @@ def get_args(argv=None):
     args.batch_size = args.batch_size if args.batch_size is not None else (8 if args.model_size == "toy" else 128)
     args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.stage]
     args.uncond_p = args.uncond_p if args.uncond_p is not None else (0.0 if args.stage == "up" else 0.2)
-    args.out = args.out or os.path.join("runs", f"stage{args.stage}-" + (args.model if args.stage == "0" else args.task))
+    args.out = args.out or os.path.join("runs", f"stage{args.stage}-{args.model if args.stage == '0' else args.task}")
     return args
 
 def check_args(args):
@@ -107,25 +107,22 @@ def check_args(args):
     def need(ok, name, what):
         if not ok:
             raise TrainError(f"--{name.replace('_', '-')} {getattr(args, name)}: {what}")
-    for name in ("max_steps", "batch_size", "log_every", "num_samples", "toy_scenes"):
-        need(getattr(args, name) >= 1, name, "must be at least 1")
-    for name in ("micro_batch", "limit"):
-        need(getattr(args, name) is None or getattr(args, name) >= 1, name, "must be at least 1 (or left out)")
-    for name in ("workers", "save_every", "keep_every", "sample_every"):
-        need(getattr(args, name) >= 0, name, "must be 0 or more")
+    for name in ("max_steps", "batch_size", "log_every", "num_samples", "toy_scenes", "micro_batch", "limit"):
+        need(getattr(args, name) is None or getattr(args, name) >= 1, name, "must be at least 1")  # None: left out
+    for name in ("workers", "save_every", "keep_every", "sample_every", "weight_decay", "grad_clip", "perc_weight",
+                 "adv_weight", "sample_w"):
+        need(0 <= getattr(args, name) < math.inf, name, "must be 0 or more")  # NaN and inf fail too
     for name in ("lr", "disc_lr"):
-        need(math.isfinite(getattr(args, name)) and getattr(args, name) > 0, name, "a learning rate must be a number > 0")
-    for name in ("weight_decay", "grad_clip", "perc_weight", "adv_weight", "sample_w"):
-        need(math.isfinite(getattr(args, name)) and getattr(args, name) >= 0, name, "must be a number >= 0")
+        need(0 < getattr(args, name) < math.inf, name, "a learning rate must be a number > 0")
     need(0 <= args.ema < 1, "ema", "the EMA decay must be in [0, 1) (default 0.9999)")
     need(0 <= args.uncond_p <= 1, "uncond_p", "a probability must be in [0, 1]")
     if args.copy_task and (args.data != "toy" or args.task != "mask" or args.stage in ("0", "up")):
         raise TrainError("--copy-task is a toy-world mask task: use it with --data toy --task mask and stage 1 or 2")
     need(args.dtype == "fp32" or torch.cuda.is_available(), "dtype", "autocasts on a GPU; on the CPU use --dtype fp32")
     if args.stage == "0" and args.data not in ("toy", "synthetic"):
-        raise TrainError("stage 0 needs captions in the toy vocabulary (--data toy) or --data synthetic; "
-                         "for real data start stage 1 from GLIDE's released base.pt (python -m nanopiti.download glide-base)")
-    if args.stage == "up" and args.perc_weight > 0 and not args.vgg_weights and not args.random_vgg:
+        raise TrainError("stage 0 needs toy captions (--data toy) or --data synthetic; for real data start stage 1 "
+                         "from GLIDE's base.pt (python -m nanopiti.download glide-base)")
+    if args.stage == "up" and args.perc_weight > 0 and not (args.vgg_weights or args.random_vgg):
         raise TrainError("stage up's perceptual loss needs --vgg-weights checkpoints/vgg19-dcbccd4d.pth (python -m "
                          "nanopiti.download vgg19), or --random-vgg for offline toy runs, or --perc-weight 0")
     path = list_file(args, "train")  # the training pairs must be there before any weights load
@@ -140,10 +137,9 @@ def check_args(args):
             raise TrainError(f"--sample-steps: {e}") from None
     if problem := folder_problem(args.out):
         raise TrainError(f"--out {args.out}: {problem}; give a folder this run can write to")
-    if not args.resume:  # a fresh run never wipes another run's log and checkpoint
-        if found := [n for n in ("latest.pt", "log.jsonl", "args.json") if os.path.exists(os.path.join(args.out, n))]:
-            raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}); continue it with "
-                             "--resume auto, or give a new --out")
+    found = [n for n in ("latest.pt", "log.jsonl", "args.json") if os.path.exists(os.path.join(args.out, n))]
+    if found and not args.resume:  # a fresh run never wipes another run's log and checkpoint
+        raise TrainError(f"--out {args.out} holds another run ({', '.join(found)}): --resume auto, or a new --out")
 
 # --- the model each stage starts from (paper section 3.3) ---
 
@@ -155,7 +151,7 @@ INIT_HINT = {"1": "stage 1 expects a text prior: GLIDE's base.pt (python -m nano
 TEXT_KEYS = ("token_embedding.", "positional_embedding", "padding_embedding", "transformer.", "final_ln.")  # not UNet
 
 def template(args, kind, super_res):
-    """The hyper-parameters of --model-size for a model kind (those the weights cannot tell)."""
+    """--model-size's hyper-parameters for a model kind (those the weights cannot tell)."""
     if args.model_size == "toy":
         return toy_config(kind, super_res, args.task, n_vocab=len(ToyTokenizer.VOCAB))
     return base_config(kind, super_res, args.task)
@@ -164,15 +160,14 @@ def read_init(args):
     """--init as a model; a released state dict gets --model-size's head counts and image size (not in its weights)."""
     try:
         obj = torch.load(args.init, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise TrainError(f"--init {args.init}: no such file; {INIT_HINT[args.stage]}") from None
     except Exception as e:
-        raise TrainError(f"--init {args.init}: not a PyTorch checkpoint ({type(e).__name__}); {INIT_HINT[args.stage]}") from None
+        what = "no such file" if isinstance(e, FileNotFoundError) else f"not a PyTorch checkpoint ({type(e).__name__})"
+        raise TrainError(f"--init {args.init}: {what}; {INIT_HINT[args.stage]}") from None
     try:
-        if isinstance(obj, dict) and "config" in obj and "model" in obj:
-            return load_model(obj)
-        inferred = infer_config(obj)
-        return load_model({"state_dict": obj, "config": template(args, inferred["kind"], inferred["super_res"])})
+        if not (isinstance(obj, dict) and "config" in obj and "model" in obj):  # a released state dict
+            inferred = infer_config(obj)
+            obj = {"state_dict": obj, "config": template(args, inferred["kind"], inferred["super_res"])}
+        return load_model(obj)
     except (ModelError, AttributeError, TypeError, KeyError) as e:  # anything but a GLIDE/PITI state dict
         raise TrainError(f"--init {args.init}: {e}; {INIT_HINT[args.stage]}") from None
 
@@ -188,23 +183,24 @@ def initial_model(args):
     if args.stage == "2" and args.init == "scratch":
         return build_model(template(args, "piti", False))
     init = read_init(args)
-    if init.config["super_res"] != (args.stage == "up"):
-        have = "an upsampler" if init.config["super_res"] else "a base model"
-        raise TrainError(f"--init {args.init} is {have}; {INIT_HINT[args.stage]}")
-    if init.config["kind"] == "piti":
+    source = init.config
+    if source["super_res"] != (args.stage == "up"):
+        raise TrainError(f"--init {args.init} is {'an upsampler' if source['super_res'] else 'a base model'}; "
+                         f"{INIT_HINT[args.stage]}")
+    if source["kind"] == "piti":
         if args.stage == "1":
-            raise TrainError(f"--init {args.init} is already a PITI model; {INIT_HINT['1']}, or continue it with --stage 2")
-        if init.config["task"] != args.task:
-            raise TrainError(f"--init {args.init} is a {init.config['task']} model, this run's task is {args.task}")
+            raise TrainError(f"--init {args.init} is already a PITI model: continue it with --stage 2")
+        if source["task"] != args.task:
+            raise TrainError(f"--init {args.init} is a {source['task']} model, this run's task is {args.task}")
         return init
     # The surgery: the decoder is the prior's UNet, `transformer_proj` included; a new task encoder of the same
     # width replaces the text encoder.
-    config = template(args, "piti", init.config["super_res"])
-    config.update({k: init.config[k] for k in UNET_KEYS + ("image_size", "noise_schedule") if k in init.config})
-    if config["encoder_width"] != init.config["xf_width"]:
-        raise TrainError(f"--init {args.init} has text width {init.config['xf_width']} but a {args.model_size}-size "
-                         f"PITI encoder is {config['encoder_width']} wide; the decoder's encoder_kv and transformer_proj "
-                         f"need equal widths: pass --model-size {'full' if init.config['xf_width'] == 512 else 'toy'}")
+    config = template(args, "piti", source["super_res"])
+    config.update({k: source[k] for k in UNET_KEYS + ("image_size", "noise_schedule") if k in source})
+    if config["encoder_width"] != source["xf_width"]:
+        size = "full" if source["xf_width"] == 512 else "toy"
+        raise TrainError(f"--init {args.init} has text width {source['xf_width']}, a {args.model_size}-size encoder "
+                         f"{config['encoder_width']} (encoder_kv needs them equal): use --model-size {size}")
     model = build_model(config)
     model.decoder.load_state_dict({k: v for k, v in init.state_dict().items() if not k.startswith(TEXT_KEYS)})
     return model
@@ -290,32 +286,31 @@ def train(args):
     if args.no_kernels:
         os.environ["NANOPITI_KERNELS"] = "0"
     rank, world, device = setup_distributed()
-    master = rank == 0
-    cuda = device.type == "cuda"
+    master, cuda = rank == 0, device.type == "cuda"
     if args.batch_size % world:
         raise TrainError(f"--batch-size {args.batch_size} does not split over {world} processes")
     local_batch = args.batch_size // world
     micro = min(args.micro_batch or local_batch, local_batch)
 
     # The model: from a checkpoint of this run, or what the stage starts from.
-    resume = latest_checkpoint(args.out) if args.resume == "auto" else args.resume
+    latest = os.path.join(args.out, "latest.pt")
+    resume = (latest if os.path.isfile(latest) else None) if args.resume == "auto" else args.resume
     ckpt = load_checkpoint(resume) if resume else None
+    start = int(ckpt["step"]) if ckpt else 0
     torch.manual_seed(args.seed)
     if ckpt is not None:
         if missing := [k for k in ("ema", "optimizer", "rng") if k not in ckpt]:
             raise TrainError(f"--resume {resume}: it holds weights only (an exported model, no {', '.join(missing)}); "
                              f"start a new run from it with --init {resume}")
         what = f"{ckpt['config']['kind']} {'upsampler' if ckpt['config']['super_res'] else 'base'}"
-        if str(ckpt["stage"]) != args.stage or ckpt.get("task") != args.task or (
+        if (str(ckpt["stage"]), ckpt.get("task")) != (args.stage, args.task) or (
                 args.stage == "0" and ckpt["config"]["super_res"] != (args.model == "upsample")):
             raise TrainError(f"{resume} is a stage {ckpt['stage']} checkpoint ({what}, task {ckpt.get('task')}); "
-                             f"this run is stage {args.stage}, task {args.task}: resume with those settings, "
-                             f"or start a new run from it with --init")
-        if int(ckpt["step"]) > args.max_steps:
-            raise TrainError(f"--resume {resume} is at step {ckpt['step']}, past --max-steps {args.max_steps}: "
-                             "raise --max-steps to continue it")
-        if int(ckpt["step"]) == args.max_steps:  # a finished run: rerunning its command changes nothing
-            print(f"{resume} is at step {args.max_steps} = --max-steps: nothing to train (raise --max-steps to continue)")
+                             f"this run is stage {args.stage}, task {args.task}: resume with those, or --init from it")
+        if start > args.max_steps:
+            raise TrainError(f"--resume {resume} is at step {start}, past --max-steps {args.max_steps}: raise that")
+        if start == args.max_steps:  # a finished run: rerunning its command changes nothing
+            print(f"{resume} is at step {start} = --max-steps: nothing to train (raise --max-steps to continue)")
             return
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
@@ -352,17 +347,14 @@ def train(args):
     stateful = {"ema": ema, "optimizer": opt, "disc": disc, "disc_optimizer": disc_opt, "timesteps": loss_aware,
                 "scaler": scaler if scaler.is_enabled() else None}
     stateful = {k: v for k, v in stateful.items() if v is not None}
-    start = 0
     if ckpt is not None:
         for k, v in stateful.items():
             if k in ckpt:  # "ema" and "optimizer" always are (checked above)
                 v.load_state_dict(ckpt[k])
         set_rng_state(generator, ckpt["rng"])
-        start = int(ckpt["step"])
-        for optimizer, lr in ((opt, args.lr), (disc_opt, args.disc_lr)):  # this command's rates, not the saved ones
-            if optimizer is not None:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        opt.param_groups[0]["lr"] = args.lr  # this command's rates, not the saved ones
+        if disc_opt is not None:
+            disc_opt.param_groups[0]["lr"] = args.disc_lr
 
     def checkpoint_state(step):
         return {"config": config, "model": model.state_dict(), "step": step, "stage": args.stage, "task": args.task,
@@ -374,34 +366,30 @@ def train(args):
     sampler = StepBatches(n_pairs, args.batch_size, rank, world, args.seed, start, args.max_steps)
     batches = torch.utils.data.DataLoader(EpochIndexed(dataset), batch_sampler=sampler, num_workers=args.workers,
                                           collate_fn=collate_skip_none, pin_memory=cuda)
-    if master:
+    if master:  # run_lock (main) made args.out
         if args.sample_every > 0:
             val = make_dataset(args, config, "val")
             probe = collate_skip_none([val[i] for i in range(min(PROBE_PAIRS, len(val)))])
-            preview = {k: v[:args.num_samples] for k, v in probe.items()}
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "args.json"), "w") as f:
             json.dump(vars(args), f, indent=1)
         log = open_log(os.path.join(args.out, "log.jsonl"), start)
-        n_train = sum(p.numel() for p in params)
-        print(f"stage {args.stage} ({config['kind']}, task {args.task}), {n_train / 1e6:.2f}M trained parameters, "
-              f"{n_pairs} pairs, global batch {args.batch_size} = {world} x {local_batch} "
+        print(f"stage {args.stage} ({config['kind']}, task {args.task}), {sum(p.numel() for p in params) / 1e6:.2f}M "
+              f"trained parameters, {n_pairs} pairs, global batch {args.batch_size} = {world} x {local_batch} "
               f"(micro-batch {micro}), steps {start}..{args.max_steps}, on {device} in {args.dtype}")
     bar = tqdm(total=args.max_steps, initial=start, disable=not master, desc=f"stage {args.stage}")
-    timed_samples, timed_seconds = 0, 0.0
+    timed_steps, timed_seconds = 0, 0.0
     for step, batch in zip(range(start, args.max_steps), batches):
         t0 = time.perf_counter()
         if batch is None or batch["image"].shape[0] != local_batch:
             raise TrainError("too many unreadable pairs in a row to fill a batch; see the warnings above")
         # Randomness for the whole global batch, drawn identically on every process, which keeps its slice.
-        b = args.batch_size
+        b, r = args.batch_size, config["image_size"]
         if loss_aware is not None:
             t_all, w_all = loss_aware.sample(b, device, generator)
         else:
-            t_all = (high_noise_timesteps(b, diffusion.num_timesteps, device, generator) if args.timesteps == "high-noise"
-                     else diffusion.sample_timesteps(b, device, generator))
+            t_all = (diffusion.sample_timesteps(b, device, generator) if args.timesteps == "uniform"
+                     else high_noise_timesteps(b, diffusion.num_timesteps, device, generator))
             w_all = torch.ones(b, device=device)
-        r = config["image_size"]
         noise_all = torch.randn((b, 3, r, r), generator=generator, device=device)
         drop_all = torch.rand(b, generator=generator, device=device) < args.uncond_p
         mix_all = torch.rand(b, generator=generator, device=device)  # WGAN-GP interpolation
@@ -410,7 +398,7 @@ def train(args):
         x0 = batch["image"].to(device)
         kwargs, _ = model_kwargs(model, batch, device, drop)
 
-        terms, per_sample, fakes = {}, [], []
+        parts = []  # each micro-batch's losses per sample, detached
         chunks = [slice(i, min(i + micro, local_batch)) for i in range(0, local_batch, micro)]
         for i, sl in enumerate(chunks):
             kw = {k: v[sl] for k, v in kwargs.items()}
@@ -419,23 +407,17 @@ def train(args):
             with sync:
                 with autocast:
                     losses = diffusion.training_losses(lambda x, s: net(x, s, **kw), x0[sl], t[sl], noise[sl])
-                    total = losses["loss"]
+                    losses["diffusion"] = losses["loss"]
                     if vgg is not None:
                         losses["perceptual"] = vgg(losses["pred_xstart"], x0[sl]).float()
-                        total = total + args.perc_weight * losses["perceptual"]
+                        losses["loss"] = losses["loss"] + args.perc_weight * losses["perceptual"]
                     if disc is not None:
                         with torch.autocast(device.type, enabled=False):  # the critic runs in fp32
                             losses["adv"] = generator_loss(disc, losses["pred_xstart"].float(), args.gan_loss)
-                        total = total + args.adv_weight * losses["adv"]
-                loss = (total * weights[sl]).sum() / local_batch
-                scaler.scale(loss).backward()
-            per_sample.append(total.detach().float())
-            losses["diffusion"], losses["loss"] = losses["loss"], total
-            for k in ("loss", "diffusion", "mse", "vb", "perceptual", "adv"):
-                if k in losses:
-                    terms[k] = terms.get(k, 0.0) + losses[k].detach().float().sum()
-            if disc is not None:
-                fakes.append(losses["pred_xstart"].detach().float())
+                        losses["loss"] = losses["loss"] + args.adv_weight * losses["adv"]
+                scaler.scale((losses["loss"] * weights[sl]).sum() / local_batch).backward()
+            parts.append({k: v.detach().float() for k, v in losses.items() if k != "x_t"})
+        terms = {k: sum(part[k].sum() for part in parts) for k in parts[0] if k != "pred_xstart"}
 
         # The optimizer step, unless some gradient is inf/NaN (then skip it and say so).
         scaler.unscale_(opt)  # a no-op unless fp16
@@ -448,19 +430,19 @@ def train(args):
                 for e, p in zip(ema_params, params):
                     e.lerp_(p, 1 - rate)
         elif master:
-            tqdm.write(f"step {step + 1}: non-finite loss or gradient (norm {grad_norm.item()}), step skipped",
-                       file=sys.stderr)
+            tqdm.write(f"step {step + 1}: non-finite gradient norm {grad_norm.item()}, step skipped", file=sys.stderr)
         scaler.update()
         opt.zero_grad(set_to_none=True)
 
         # The discriminator's step, on this step's (detached) predicted x0 against real images.
         if disc is not None:
+            fakes = [part["pred_xstart"] for part in parts]  # detached
             terms["disc"] = critic_step(disc, disc_opt, [x0[sl].float() for sl in chunks], fakes, args.gan_loss,
                                         [mix[sl] for sl in chunks], local_batch)
 
         # Loss-aware sampling learns from the losses of the whole global batch (of finite steps only).
         if loss_aware is not None and finite:
-            mine_losses = torch.cat(per_sample)
+            mine_losses = torch.cat([part["loss"] for part in parts])
             if world > 1:
                 gathered = [torch.empty_like(mine_losses) for _ in range(world)]
                 dist.all_gather(gathered, mine_losses)
@@ -469,18 +451,17 @@ def train(args):
 
         # Log the global batch's mean of every term.
         keys = sorted(terms)
-        values = torch.stack([torch.as_tensor(terms[k], device=device).float() for k in keys])
+        values = torch.stack([terms[k].float() for k in keys])
         if world > 1:
             dist.all_reduce(values)
         record = {k: v / args.batch_size for k, v in zip(keys, values.tolist())}
         record.update(step=step + 1, grad_norm=grad_norm.item(), lr=args.lr, skipped=not finite)
-        elapsed = time.perf_counter() - t0
         if step > start:  # the first step pays for warm-up (allocations, kernel compilation)
-            timed_samples, timed_seconds = timed_samples + args.batch_size, timed_seconds + elapsed
+            timed_steps, timed_seconds = timed_steps + 1, timed_seconds + time.perf_counter() - t0
         if master:
             if args.sample_every > 0 and (step + 1) % args.sample_every == 0:
-                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema, preview, args,
-                             device, autocast)
+                save_preview(os.path.join(args.out, "samples", f"step_{step + 1:06d}.png"), ema,
+                             {k: v[:args.num_samples] for k, v in probe.items()}, args, device, autocast)
                 if probe["image"].shape[0] >= 2:  # the condition measure swaps the conditions of two pairs
                     with autocast:  # wrong / right condition noise error at t = 300, 500, 700 (1: ignored)
                         use = condition_use(ema, probe["image"].to(device), *model_kwargs(ema, probe, device))
@@ -497,14 +478,14 @@ def train(args):
             if args.save_every > 0 and ((step + 1) % args.save_every == 0 or step + 1 == args.max_steps):
                 log.flush()  # the log lines of the steps this checkpoint covers reach the disk first
                 os.fsync(log.fileno())
-                save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, "latest.pt"))
+                save_checkpoint(checkpoint_state(step + 1), latest)
                 if args.keep_every and (step + 1) % args.keep_every == 0:
                     save_checkpoint(checkpoint_state(step + 1), os.path.join(args.out, f"step_{step + 1:06d}.pt"))
     bar.close()
     if master:
         log.close()
         if timed_seconds > 0:
-            print(f"{timed_samples / timed_seconds:.2f} samples/s (global, steps after the first)")
+            print(f"{timed_steps * args.batch_size / timed_seconds:.2f} samples/s (global, steps after the first)")
         if cuda:
             print(f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
     if world > 1:

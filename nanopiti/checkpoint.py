@@ -1,10 +1,5 @@
-"""Training checkpoints: written atomically, read back safely (docs/training.md lists their keys).
-
-A checkpoint is one dict that `torch.load(..., weights_only=True)` reads (so does `nanopiti.load_model`), written
-to a temporary file, fsynced, then renamed over the old one (atomic: a crash or a full disk never destroys the
-previous checkpoint). `open_log` drops the log records of the steps a resumed run redoes; `run_lock` holds
-`<out>/lock` (the owner's process id) while a run writes there.
-"""
+"""Training checkpoints (docs/training.md lists their keys), the run's log and its lock. A checkpoint is one dict
+that `torch.load(..., weights_only=True)` reads (so does `nanopiti.load_model`), written atomically."""
 
 import contextlib
 import json
@@ -19,7 +14,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read, or does not fit the run."""
 
 def save_checkpoint(obj, path):
-    """Write `obj` to `path` atomically (temporary file, fsync, rename)."""
+    """Write `obj` to `path` through a temporary file, fsynced, then renamed: a crash or a full disk never destroys
+    the previous checkpoint."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
@@ -30,7 +26,7 @@ def save_checkpoint(obj, path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:  # also KeyboardInterrupt: never leave a half-written temporary behind
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         # A failed write (full disk, quota): torch.save raises a RuntimeError whose context is the OSError.
         cause = next((c for c in (e, e.__context__) if isinstance(c, OSError)), None)
@@ -48,23 +44,18 @@ def save_checkpoint(obj, path):
         finally:
             os.close(fd)
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path):
     """Read a training checkpoint written by `save_checkpoint`."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled code objects, ...
         raise CheckpointError(f"{path}: not a readable nanopiti checkpoint ({type(e).__name__})") from None
     if not isinstance(obj, dict) or not {"config", "model", "step", "stage"} <= set(obj):
         raise CheckpointError(f"{path}: not a nanopiti training checkpoint (no config/model/step/stage); "
                               "to start from released weights use --init instead of --resume")
     return obj
-
-def latest_checkpoint(out_dir):
-    """The path of `out_dir`/latest.pt, or None when the run has not saved yet."""
-    path = os.path.join(out_dir, "latest.pt")
-    return path if os.path.isfile(path) else None
 
 def open_log(path, start):
     """log.jsonl for appending, without the records of the steps after `start` (to be redone). A last line torn by
@@ -82,7 +73,7 @@ def open_log(path, start):
                 raise CheckpointError(f"{path}: line {number} is not a log record; repair or remove that line, "
                                       "then resume again") from None
             if step <= start:
-                kept.append(line if line.endswith("\n") else line + "\n")
+                kept.append(line.rstrip("\n") + "\n")
     with open(path, "w") as f:
         f.writelines(kept)
     return open(path, "a")
@@ -97,20 +88,11 @@ def _alive(pid):
         return True
     return True
 
-def remove_stale_temporaries(folder):
-    """Delete the `*.<pid>.tmp` files that `save_checkpoint` calls of processes that no longer run
-    (killed during a save): each may be as large as a checkpoint."""
-    for name in sorted(os.listdir(folder)):
-        match = re.search(r"\.(\d+)\.tmp$", name)
-        if match and not _alive(int(match.group(1))):
-            os.remove(os.path.join(folder, name))
-            print(f"removed {os.path.join(folder, name)}, left by process {match.group(1)} (killed during a save)",
-                  file=sys.stderr)
-
 @contextlib.contextmanager
 def run_lock(folder):
     """Hold `folder`/lock while a run writes there: a second process is refused, a dead process's lock taken over
-    (its temporaries removed); folders made for the lock go again if the run wrote nothing."""
+    and its `save_checkpoint` temporaries (killed during a save, each as large as a checkpoint) removed; folders
+    made for the lock go again if the run wrote nothing."""
     made, parent = [], os.path.abspath(folder)
     while not os.path.isdir(parent):
         made.append(parent)
@@ -130,7 +112,12 @@ def run_lock(folder):
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
     try:
-        remove_stale_temporaries(folder)
+        for name in sorted(os.listdir(folder)):
+            match = re.search(r"\.(\d+)\.tmp$", name)
+            if match and not _alive(int(match.group(1))):
+                os.remove(os.path.join(folder, name))
+                print(f"removed {os.path.join(folder, name)}, left by process {match.group(1)} (killed during a save)",
+                      file=sys.stderr)
         yield
     finally:
         os.remove(path)

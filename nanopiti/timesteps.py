@@ -1,27 +1,22 @@
-"""Which timesteps a training step sees: improved DDPM's loss-aware importance sampling, and a
-draw that leans towards high noise.
-
-Uniform sampling is `GaussianDiffusion.sample_timesteps`. The loss-aware sampler ("loss-second-
-moment" in improved DDPM, the PITI release's choice for the base models) draws t with probability
-proportional to sqrt(E[loss_t^2]), so the noisy, high-loss timesteps of the hybrid loss's VB term
-are seen more often, and weights each sample by 1 / (T p_t) to keep the loss estimate unbiased.
-"""
+"""Which timesteps a training step sees (uniform: `GaussianDiffusion.sample_timesteps`): improved DDPM's
+loss-aware importance sampling ("loss-second-moment", the PITI release's choice for the base models: the noisy,
+high-loss timesteps of the hybrid loss's VB term are seen more often), and a draw that leans to high noise."""
 
 import numpy as np
 import torch
 
-def high_noise_timesteps(batch, num_timesteps, device, generator=None):
+def high_noise_timesteps(batch, num_timesteps, device, generator):
     """t = floor(T sqrt(u)), u uniform: p(t) grows linearly with t, so half the draws fall in the last
     30 % of the chain. Unweighted, so the objective itself leans to high noise, where x_t no longer
     shows the layout and only the condition can tell it: the toy models learn where things go
     several times faster with it (docs/results.md). Not the paper's (uniform)."""
-    gen_device = generator.device if generator is not None else device
-    u = torch.rand(batch, generator=generator, device=gen_device)
+    u = torch.rand(batch, generator=generator, device=generator.device)
     return (u.sqrt() * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
 
 class LossAwareTimesteps:
-    """Importance-sample timesteps in proportion to sqrt(E[loss_t^2]), uniformly until every timestep has
-    `history_per_term` losses; with several processes, `update` with the losses gathered from all."""
+    """Draw t with probability proportional to sqrt(E[loss_t^2]) (uniformly until every timestep has
+    `history_per_term` losses), weighted by 1 / (T p_t) to keep the loss estimate unbiased; with several
+    processes, `update` with the losses gathered from all."""
 
     def __init__(self, num_timesteps, history_per_term=10, uniform_prob=0.001):
         self.num_timesteps = num_timesteps
@@ -39,14 +34,12 @@ class LossAwareTimesteps:
         # A floor keeps every timestep reachable, so no weight 1/(T p) explodes.
         return w * (1 - self.uniform_prob) + self.uniform_prob / self.num_timesteps
 
-    def sample(self, batch, device, generator=None):
+    def sample(self, batch, device, generator):
         """(timesteps, importance weights), both of length batch."""
         w = self.weights()
         p = torch.from_numpy(w / w.sum())
-        gen_device = generator.device if generator is not None else "cpu"
-        t = torch.multinomial(p.to(gen_device), batch, replacement=True, generator=generator).cpu()
-        weights = 1.0 / (self.num_timesteps * p[t])
-        return t.to(device), weights.float().to(device)
+        t = torch.multinomial(p.to(generator.device), batch, replacement=True, generator=generator).cpu()
+        return t.to(device), (1.0 / (self.num_timesteps * p[t])).float().to(device)
 
     def update(self, ts, losses):
         """Record per-sample losses (any sequence or tensor) for their timesteps."""
