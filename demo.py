@@ -6,8 +6,7 @@
 The page (demo.html) paints a label map in the model's palette, or a sketch (white lines on black); the server
 samples it with sample.generate, as sample.py does: the same condition, settings and seed give the pictures of
 `python sample.py --cond canvas.png --steps STEPS --w W --guidance GUIDANCE --num N --seed SEED`.
-The server is Python's http.server, a thread per request but one sampling at a time (a lock); the page polls
-/api/progress for its progress bar. It listens on the loopback address only, unless --host says otherwise.
+The server (http.server, loopback only unless --host) runs a thread per request but one sampling at a time.
 
 API (JSON answers; a bad request gets HTTP 400 and {"error": "one line: what is wrong, what to do"}):
     GET  /                      the page
@@ -22,6 +21,7 @@ API (JSON answers; a bad request gets HTTP 400 and {"error": "one line: what is 
 import argparse
 import base64
 import binascii
+import contextlib
 import http.server
 import io
 import json
@@ -48,9 +48,8 @@ from toyworld.world import HELDOUT_SEED0, TOY_CLASSES, TOY_COLORS, render_scene
 PAGE = Path(__file__).resolve().parent / "demo.html"
 PALETTE_TABLES = {"toy": TOY_COLORS, **PALETTES}  # class value -> color, per world
 CLASS_NAMES = {"toy": TOY_CLASSES, "coco": COCO_STUFF_CLASSES}  # ADE20K's classes are shown by number
-# The page's defaults: 25 DDPM base steps (the toy ablations'), the upsampler as sample.py samples it.
+# The page's defaults: 25 DDPM base steps (the toy ablations'); the upsampler as sample.py samples it (fast27).
 DEFAULTS = {"w": sample.DEFAULT_W, "guidance": "ncf", "steps": 25, "seed": 0, "num": 1}
-SR_STEPS, SR_TEMPERATURE = "fast27", 0.997
 MAX_STEPS = 1000  # every GLIDE and PITI model was trained over 1000 steps (nanopiti.diffusion.model_diffusion)
 MAX_NUM, MAX_W, MAX_SEED = 8, 20.0, 2**31 - 1
 MAX_BODY = 10 * 2**20  # bytes in one request (an upload, or a condition in base64)
@@ -109,22 +108,19 @@ class Demo:
                 "defaults": DEFAULTS, "guidances": GUIDANCES, "max_body": MAX_BODY,
                 "limits": {"steps": MAX_STEPS, "num": MAX_NUM, "w": MAX_W, "seed": MAX_SEED}}
 
-    # --- conditions: what the canvas holds ---
-
     def canvas(self, data):
         """Picture file bytes -> the canvas, size x size x 3 uint8 (nearest neighbour): label colors or white lines."""
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
-            too_big = img.width * img.height > MAX_PIXELS
-            if not too_big:
-                img.load()
+            if img.width * img.height > MAX_PIXELS:
+                raise Image.DecompressionBombError
+            img.load()
         except Image.DecompressionBombError:
-            too_big = True
+            raise DemoError(f"the picture has too many pixels; at most {MAX_PIXELS} (e.g. 4096 x 4096) "
+                            "are accepted") from None
         except Exception as e:  # not a picture, truncated, ...
             raise DemoError(f"the picture cannot be read ({type(e).__name__}); "
                             "upload a PNG, JPEG, BMP or WebP file") from None
-        if too_big:
-            raise DemoError(f"the picture has too many pixels; at most {MAX_PIXELS} (e.g. 4096 x 4096) are accepted")
         img = img.resize((self.size, self.size), Image.NEAREST)
         if self.task == "sketch":
             lines = binarize_sketch(img.convert("L"))  # either polarity, as sample.py reads sketches
@@ -154,11 +150,8 @@ class Demo:
         if self.world != "toy":
             raise DemoError(f"toy scenes are for toy models; these models are of the {self.world} world")
         scene = render_scene(HELDOUT_SEED0 + int(index), self.size)
-        lines = np.repeat(scene.sketch[..., None], 3, axis=2)
-        picture = TOY_COLORS[scene.label] if self.task == "mask" else lines
+        picture = TOY_COLORS[scene.label] if self.task == "mask" else np.repeat(scene.sketch[..., None], 3, axis=2)
         return {"pixels": pixels(picture), "index": int(index), "caption": scene.caption}
-
-    # --- sampling ---
 
     def generate(self, body):
         settings = read_settings(body)
@@ -171,8 +164,8 @@ class Demo:
             raise DemoError("the condition is not valid base64") from None
         png = io.BytesIO()
         Image.fromarray(self.canvas(data)).save(png, format="PNG")
-        sizes = {self.size} | ({self.sr.config["cond_size"]} if self.sr else set())
-        conds = {s: load_condition_image(io.BytesIO(png.getvalue()), self.task, size=s) for s in sizes}
+        sr_size = (self.sr or self.base).config["cond_size"]
+        conds = {s: load_condition_image(io.BytesIO(png.getvalue()), self.task, size=s) for s in {self.size, sr_size}}
         job = str(body.get("job", ""))[:64]
         def report(stage, done, total):
             self.progress = {"job": job, "stage": stage, "done": done, "total": total}
@@ -180,15 +173,14 @@ class Demo:
             report("base", 0, settings["steps"])
             n = settings["num"]  # as sample.py --num n: one batch of n copies of the condition, one generator
             cond = torch.stack([conds[self.size]] * n).to(self.device)
-            sr_cond = torch.stack([conds[self.sr.config["cond_size"]]] * n).to(self.device) if self.sr else None
+            sr_cond = torch.stack([conds[sr_size]] * n).to(self.device) if self.sr else None
             generator = torch.Generator(self.device).manual_seed(settings["seed"])
             start = time.time()
             with torch.inference_mode():
                 low, high = sample.generate(
                     self.base, self.sr, cond, sr_cond, w=settings["w"], guidance=settings["guidance"],
-                    steps=str(settings["steps"]), sr_steps=SR_STEPS, sr_temperature=SR_TEMPERATURE,
-                    generator=generator, dtype=self.dtype, cuda_graph=self.device.type == "cuda",
-                    progress=False, callback=report)
+                    steps=str(settings["steps"]), generator=generator, dtype=self.dtype,
+                    cuda_graph=self.device.type == "cuda", progress=False, callback=report)
             seconds = time.time() - start
         return {"base": [png_data_url(p) for p in to_uint8(low)],
                 "upsampled": [png_data_url(p) for p in to_uint8(high)] if high is not None else [],
@@ -229,14 +221,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise DemoError("the request has no Content-Length")
         length = int(length)
         if length > MAX_BODY:
-            left = length
-            while left > 0:  # read it all: else the browser may see a reset connection, not the answer
-                chunk = self.rfile.read(min(2**20, left))
-                if not chunk:
-                    break
+            left = length  # read it all: else the browser may see a reset connection, not the answer
+            while left > 0 and (chunk := self.rfile.read(min(2**20, left))):
                 left -= len(chunk)
-            raise DemoError(f"the upload is {length / 2**20:.1f} MB; at most {MAX_BODY / 2**20:.0f} MB "
-                            "are accepted")
+            raise DemoError(f"the upload is {length / 2**20:.1f} MB; at most {MAX_BODY / 2**20:.0f} MB are accepted")
         return self.rfile.read(length)
 
     def do_GET(self):
@@ -275,8 +263,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=str(sample.DEFAULT_CKPT), help="PITI base model (mask or sketch)")
     p.add_argument("--sr-ckpt", default=str(sample.DEFAULT_SR_CKPT), help="PITI upsampler")
     p.add_argument("--base-only", action="store_true", help="no upsampler: show the base model's pictures only")
-    p.add_argument("--world", choices=sorted(PALETTE_TABLES),
-                   help="the mask classes and colors (default: toy for toy-size models, else coco)")
+    p.add_argument("--world", choices=sorted(PALETTE_TABLES), help="classes (default: toy for toy models, else coco)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every network)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cuda:1, cpu")
@@ -323,11 +310,8 @@ def main(argv=None):
     demo = server.demo
     models = f"{demo.world} {demo.task} models" + ("" if demo.sr else " (base only)")
     print(f"nanopiti demo: http://{host}:{port}/  ({models} on {demo.device}; Ctrl+C stops it)", flush=True)
-    try:
+    with server, contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    server.server_close()
     return 0
 
 if __name__ == "__main__":

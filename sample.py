@@ -37,9 +37,8 @@ from nanopiti.ops import DTYPES
 from nanopiti.pictures import condition_picture, grid_row, quantize, to_uint8
 from toyworld.world import TOY_CLASSES, TOY_COLORS
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CKPT = ROOT / "checkpoints" / "toy_mask_base.pt"
-DEFAULT_SR_CKPT = ROOT / "checkpoints" / "toy_mask_upsample.pt"
+DEFAULT_CKPT = Path(__file__).resolve().parent / "checkpoints" / "toy_mask_base.pt"
+DEFAULT_SR_CKPT = DEFAULT_CKPT.with_name("toy_mask_upsample.pt")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 DEFAULT_W = 0.3  # the released PITI sampling script uses sample_c = 1.3, i.e. w = 0.3 in the paper's convention
 
@@ -52,9 +51,8 @@ def load_piti(path, upsampler):
     """Load a PITI base model (upsampler=False) or upsampler, refusing anything else."""
     role, flag = ("upsampler", "--sr-ckpt") if upsampler else ("base model", "--ckpt")
     if Path(path).resolve() in (DEFAULT_CKPT, DEFAULT_SR_CKPT) and not Path(path).is_file():
-        raise SampleError(f"the default toy {role} {path} is missing: it ships with the repository (restore it "
-                          f"with `git checkout -- checkpoints`; docs/toy_world.md has the commands that made it), "
-                          f"or pass {flag}")
+        raise SampleError(f"the default toy {role} {path} is missing: restore it with `git checkout -- checkpoints` "
+                          f"(docs/toy_world.md has the commands that made it), or pass {flag}")
     model = load_model(str(path))
     if model.config["kind"] == "glide":
         raise SampleError(f"{path}: it is a text-to-image GLIDE model, not a PITI model; finetune it first "
@@ -79,8 +77,8 @@ def check_pair(base, sr, task):
     return model_task
 
 def find_conditions(spec, task):
-    """--cond -> condition paths: one image, a folder's images (depth: its *_depth.png), or a list file.
-    Depth: "normal.png,depth.png" or a *_depth.png next to its *_normal.png (load_condition_image)."""
+    """--cond -> condition paths: one image, a folder's images (depth: its *_depth.png), or a list file (one per line,
+    relative to its folder). Depth: "normal.png,depth.png" or x_depth.png next to x_normal.png."""
     if task == "depth" and "," in spec:
         return [spec]
     path = Path(spec)
@@ -94,7 +92,6 @@ def find_conditions(spec, task):
         raise SampleError(f"--cond {spec}: no such file or folder")
     if path.suffix.lower() in IMAGE_EXTS:
         return [spec]
-    # A list file: one condition per line, relative paths taken from the list file's folder.
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (UnicodeDecodeError, OSError) as e:
@@ -105,40 +102,37 @@ def find_conditions(spec, task):
         raise SampleError(f"--cond {spec}: the list file names no conditions")
     return [",".join(str(path.parent / p) for p in entry.split(",")) for entry in entries]
 
-def check_toy_defaults(args, paths, conds):
+def check_toy_defaults(ckpt, task, paths, conds):
     """The default models are the toy world's: a mask with other classes gets an error that says so."""
-    if Path(args.ckpt).resolve() != DEFAULT_CKPT.resolve():
+    if task != "mask" or Path(ckpt).resolve() != DEFAULT_CKPT.resolve():
         return
     for path, cond in zip(paths, conds):
         colors = to_uint8(cond[None])[0]
         unknown = in_palette(colors) & ~in_palette(colors, TOY_COLORS)  # toy class i has COCO color i
         if unknown.any():
             classes = [v for v in np.unique(color_to_labels(colors * unknown[..., None])).tolist() if v != 255]
-            listed, share = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else ""), unknown.mean()
+            listed = ", ".join(map(str, classes[:8])) + (", ..." if len(classes) > 8 else "")
             raise SampleError(
-                f"{path}: classes {listed} ({share:.0%} of the pixels) are unknown to the default models, which are the "
-                f"toy-world models ({DEFAULT_CKPT.name}, {DEFAULT_SR_CKPT.name}; 10 classes: {', '.join(TOY_CLASSES)}); "
-                "for real masks pass PITI's released COCO-Stuff models (linked from the PITI-Synthesis/PITI "
-                "repository): --ckpt base_mask.pt --sr-ckpt upsample_mask.pt --palette coco; or train your own from "
-                "GLIDE's prior (python -m nanopiti.download glide-base glide-upsample, then train.py)")
-
-def output_stems(paths):
-    """A distinct file-name stem per condition: "a/x.png" -> "x" (depth: "x_depth.png" -> "x")."""
-    stems, seen = [], {}
-    for p in paths:
-        stem = Path(p.split(",")[-1]).stem
-        stem = stem[: -len("_depth")] if stem.endswith("_depth") else stem
-        seen[stem] = seen.get(stem, 0) + 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
+                f"{path}: classes {listed} ({unknown.mean():.0%} of the pixels) are unknown to the default models, "
+                f"the toy-world models (10 classes: {', '.join(TOY_CLASSES)}); for real masks pass PITI's released "
+                "COCO-Stuff models (from the PITI-Synthesis/PITI repository): --ckpt base_mask.pt --sr-ckpt "
+                "upsample_mask.pt --palette coco; or train your own from GLIDE's prior (python -m nanopiti.download "
+                "glide-base glide-upsample, then train.py)")
 
 def output_files(out, paths, num):
-    """Per condition: ([its sample files], its grid file); never one of the condition files."""
+    """Per condition: ([its sample files], its grid file), never one of the condition files: --out x.png for one
+    sample, else out/x_0.png... and out/x_grid.png for a/x.png (depth: x_depth.png; a repeated x: x-2_0.png...)."""
     if out.suffix.lower() == ".png":
+        if len(paths) > 1 or num > 1:
+            raise SampleError(f"--out {out} is one file but {len(paths) * num} samples are asked for; give a folder")
         outputs = [([out], out.with_name(out.stem + "_grid.png"))]
     else:
-        outputs = [([out / f"{stem}_{k}.png" for k in range(num)], out / f"{stem}_grid.png")
-                   for stem in output_stems(paths)]
+        outputs, seen = [], {}
+        for p in paths:
+            stem = Path(p.split(",")[-1]).stem.removesuffix("_depth")
+            seen[stem] = seen.get(stem, 0) + 1
+            stem = stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+            outputs.append(([out / f"{stem}_{k}.png" for k in range(num)], out / f"{stem}_grid.png"))
     inputs = {Path(p).resolve() for entry in paths for p in entry.split(",")}
     clash = next((f for names, grid in outputs for f in names + [grid] if f.resolve() in inputs), None)
     if clash is not None:
@@ -198,8 +192,7 @@ def generate(base, sr, cond, sr_cond=None, *, w=DEFAULT_W, guidance="ncf", steps
     def stage(name):
         return None if callback is None else lambda done, total: callback(name, done, total)
     speed = dict(generator=generator, dtype=dtype, cuda_graph=cuda_graph, progress=progress)
-    low = sample_base(base, cond, w=w, guidance=guidance, steps=steps, sampler=sampler,
-                      callback=stage("base"), **speed)
+    low = sample_base(base, cond, w=w, guidance=guidance, steps=steps, sampler=sampler, callback=stage("base"), **speed)
     if sr is None:
         return low, None
     high = sample_upsampler(sr, sr_cond, quantize(low), steps=sr_steps, temperature=sr_temperature,
@@ -220,10 +213,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="images sampled together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out", help="output folder, or a .png file for one sample")
-    p.add_argument("--w", type=float, default=DEFAULT_W,
-                   help="guidance strength w (paper's convention; PITI's sample_c = 1 + w)")
-    p.add_argument("--guidance", choices=GUIDANCES, default="ncf",
-                   help="ncf: normalized CF (eq. 8), cf: classifier-free (eq. 7), none: conditional only")
+    p.add_argument("--w", type=float, default=DEFAULT_W, help="guidance strength (PITI's sample_c = 1 + w)")
+    p.add_argument("--guidance", choices=GUIDANCES, default="ncf", help="normalized CF (eq. 8), CF (eq. 7), or none")
     p.add_argument("--steps", default="250", help="base model steps: N, 'a,b,c' sections, ddimN or fast27")
     p.add_argument("--sr-steps", default="fast27", help="upsampler steps, same forms")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="base model sampler")
@@ -271,58 +262,49 @@ def check_options(args):
     if single_file and out.is_dir():
         raise SampleError(f"--out {out} is a folder; give a new .png file name or the folder without .png")
     if problem := folder_problem(out.parent if single_file else out):
-        raise SampleError(f"--out {out}: {problem}; give an output {'file' if single_file else 'folder'} "
-                          "that can be written")
+        raise SampleError(f"--out {out}: {problem}; give a writable output {'file' if single_file else 'folder'}")
 
 def run(args, device, dtype):
-    out = Path(args.out)
-    single_file = out.suffix.lower() == ".png"
     base = load_piti(args.ckpt, upsampler=False)
     sr = None if args.base_only else load_piti(args.sr_ckpt, upsampler=True)
     task = check_pair(base, sr, args.task)
     paths = find_conditions(args.cond, task)
-    if single_file and (len(paths) > 1 or args.num > 1):
-        raise SampleError(f"--out {out} is one file but {len(paths) * args.num} samples are asked for; "
-                          "give a folder")
-    folder = out.parent if single_file else out
-    outputs = output_files(out, paths, args.num)
-
+    outputs = output_files(Path(args.out), paths, args.num)
     # Every condition is read before any sampling, so a bad file fails fast.
-    sizes = {base.config["cond_size"]} | ({sr.config["cond_size"]} if sr else set())
-    conds = [{s: load_condition_image(p, task, args.palette, size=s) for s in sizes} for p in paths]
-    if task == "mask":
-        check_toy_defaults(args, paths, [c[base.config["cond_size"]] for c in conds])
+    base_size, sr_size = base.config["cond_size"], (sr or base).config["cond_size"]
+    conds = [{s: load_condition_image(p, task, args.palette, size=s) for s in {base_size, sr_size}} for p in paths]
+    check_toy_defaults(args.ckpt, task, paths, [c[base_size] for c in conds])
     base.to(device)
     if sr:
         sr.to(device)
 
     size = (sr or base).config["image_size"]
-    items = [(i, k) for i in range(len(paths)) for k in range(args.num)]
+    items = [i for i in range(len(paths)) for _ in range(args.num)]  # condition i, --num times
     print(f"sampling {len(items)} image(s) from {len(paths)} condition(s): {task} base model "
           f"{base.config['image_size']}px ({args.steps} {args.sampler} steps, {args.guidance} w={args.w})"
           + (f", upsampler {size}px ({args.sr_steps} steps)" if sr else "") + f" on {device}", flush=True)
     generator = torch.Generator(device).manual_seed(args.seed)
     speed = dict(dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
-    samples = {i: [] for i in range(len(paths))}
+    samples = [[] for _ in paths]
     start = time.time()
     with torch.inference_mode():
         for b in range(0, len(items), args.batch_size):
             batch = items[b:b + args.batch_size]
-            cond = torch.stack([conds[i][base.config["cond_size"]] for i, _ in batch]).to(device)
-            sr_cond = torch.stack([conds[i][sr.config["cond_size"]] for i, _ in batch]).to(device) if sr else None
+            cond = torch.stack([conds[i][base_size] for i in batch]).to(device)
+            sr_cond = torch.stack([conds[i][sr_size] for i in batch]).to(device) if sr else None
             low, high = generate(base, sr, cond, sr_cond, w=args.w, guidance=args.guidance,
                                  steps=args.steps, sampler=args.sampler, sr_steps=args.sr_steps,
                                  sr_temperature=args.sr_temperature, generator=generator, **speed)
-            for (i, _), picture in zip(batch, to_uint8(low if high is None else high)):
+            for i, picture in zip(batch, to_uint8(low if high is None else high)):
                 samples[i].append(picture)
     elapsed = time.time() - start
 
+    folder = outputs[0][1].parent  # --out, or the folder of --out x.png
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (names, grid) in enumerate(outputs):
-        for name, picture in zip(names, samples[i]):
+    for (names, grid), pictures, cond in zip(outputs, samples, conds):
+        for name, picture in zip(names, pictures):
             Image.fromarray(picture).save(name)
-        picture = condition_picture(conds[i][base.config["cond_size"]], size)
-        Image.fromarray(grid_row([picture] + samples[i])).save(grid)
+        Image.fromarray(grid_row([condition_picture(cond[base_size], size)] + pictures)).save(grid)
     print(f"wrote {len(items)} sample(s) and {len(paths)} grid(s) to {folder} "
           f"({elapsed:.1f} s, {elapsed / len(items):.2f} s per image)")
 

@@ -1,8 +1,6 @@
-"""Replaying a function as a CUDA graph: how sampling keeps a GPU busy at 64x64.
-
-At 64x64 the GPU runs a decoder forward faster than Python launches its few hundred kernels; a CUDA graph
-records the launches once and replays them with one call (PyTorch's notes on CUDA semantics: "CUDA Graphs").
-"""
+"""Replaying a function as a CUDA graph. At 64x64 the GPU runs a decoder forward faster than Python launches its
+few hundred kernels; a CUDA graph records the launches once and replays them with one call (PyTorch's notes on
+CUDA semantics: "CUDA Graphs")."""
 
 import torch
 
