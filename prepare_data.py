@@ -193,18 +193,13 @@ def finish(out, lists, skipped, n_inputs):
         print(f"skipped {len(skipped)} of {n_inputs} inputs ({detail}); see {os.path.join(out, 'skipped.txt')}",
               file=sys.stderr)
 
-# --- Datasets ---
-
-def _files(folder, ext):
-    return sorted(glob.glob(os.path.join(folder, "*" + ext))) if os.path.isdir(folder) else []
-
-def require(name, root, parts):
+def require(args, name, parts):
     """parts: {description: [files]}; raise one line naming every empty part."""
     if missing := [desc for desc, files in parts.items() if not files]:
         state = "not found" if len(missing) == len(parts) else "incomplete"
-        raise PrepareError(f"{name} {state} under {root}: expected {'; '.join(missing)}; fetch it with: "
-                           f"python prepare_data.py --data {DATA_KEYS[name]} --root {root} --download "
-                           f"(downloads {' '.join(a[0] for a in ARCHIVES[DATA_KEYS[name]])})")
+        raise PrepareError(f"{name} {state} under {args.root}: expected {'; '.join(missing)}; fetch it with: "
+                           f"python prepare_data.py --data {args.data} --root {args.root} --download "
+                           f"(downloads {' '.join(a[0] for a in ARCHIVES[args.data])})")
 
 def prepare_splits(args, fn, found, task, workers, unpaired=()):
     """Run `fn` on every split's inputs; write {split}_{task}.txt and skipped.txt (`unpaired` inputs first)."""
@@ -215,39 +210,33 @@ def prepare_splits(args, fn, found, task, workers, unpaired=()):
         skipped += skips
     finish(args.out, lists, skipped, sum(len(f) for f in found.values()) + len(unpaired))
 
-def prepare_masks(args, name, splits, palette):
-    """ADE20K / COCO-Stuff: splits = {split: (image folder, label folder, image extension)}."""
-    found = {s: (_files(i, ext), _files(l, ".png")) for s, (i, l, ext) in splits.items()}
-    parts = {}
-    for s, (i, l, ext) in splits.items():
-        parts[f"{i}/*{ext}"], parts[f"{l}/*.png"] = found[s]
-    require(name, args.root, parts)
+def prepare_masks(args):
+    """ADE20K / COCO-Stuff, colored with the palette of that name: a photo pairs with the label map of its stem."""
+    if args.data == "ade20k":  # --root may hold ADEChallengeData2016 (as unzipped) or be that folder itself
+        unzipped = os.path.isdir(os.path.join(args.root, "images"))
+        base = args.root if unzipped else os.path.join(args.root, "ADEChallengeData2016")
+        name, splits = "ADE20K", {s: (f"{base}/images/{d}/*.jpg", f"{base}/annotations/{d}/*.png")
+                                  for s, d in (("train", "training"), ("val", "validation"))}
+    else:
+        stuff = os.path.join(args.root, "stuffthingmaps_trainval2017")
+        name, splits = "COCO-Stuff", {s: (f"{args.root}/{s}2017/*.jpg", f"{stuff}/{s}2017/*.png")
+                                      for s in ("train", "val")}
+    found = {pattern: sorted(glob.glob(pattern)) for patterns in splits.values() for pattern in patterns}
+    require(args, name, found)
     pairs, unpaired = {}, []
-    for split, (images, labels) in found.items():
-        by_stem, pairs[split] = {os.path.basename(p)[:-4]: p for p in labels}, []
-        for image in images:
+    for split, (images, labels) in splits.items():
+        by_stem, pairs[split] = {os.path.basename(p)[:-4]: p for p in found[labels]}, []
+        for image in found[images]:
             stem = os.path.splitext(os.path.basename(image))[0]
             if stem in by_stem:
                 pairs[split].append((image, by_stem[stem]))
             else:
                 unpaired.append(("missing file", f"{image}: no label map {stem}.png"))
-    prepare_splits(args, functools.partial(_mask_pair, palette=palette), pairs, "mask", args.workers, unpaired)
-
-def prepare_ade20k(args):
-    # --root may be the folder that holds ADEChallengeData2016 (as unzipped) or that folder itself
-    unzipped = os.path.isdir(os.path.join(args.root, "images"))
-    base = args.root if unzipped else os.path.join(args.root, "ADEChallengeData2016")
-    prepare_masks(args, "ADE20K", {s: (f"{base}/images/{d}", f"{base}/annotations/{d}", ".jpg")
-                                   for s, d in (("train", "training"), ("val", "validation"))}, "ade20k")
-
-def prepare_coco(args):
-    stuff = os.path.join(args.root, "stuffthingmaps_trainval2017")
-    prepare_masks(args, "COCO-Stuff", {s: (f"{args.root}/{s}2017", f"{stuff}/{s}2017", ".jpg")
-                                       for s in ("train", "val")}, "coco")
+    prepare_splits(args, functools.partial(_mask_pair, palette=args.data), pairs, "mask", args.workers, unpaired)
 
 def prepare_coco_sketch(args):
-    found = {s: _files(os.path.join(args.root, f"{s}2017"), ".jpg") for s in ("train", "val")}
-    require("COCO images", args.root, {f"{args.root}/{s}2017/*.jpg": f for s, f in found.items()})
+    found = {s: sorted(glob.glob(os.path.join(args.root, f"{s}2017", "*.jpg"))) for s in ("train", "val")}
+    require(args, "COCO images", {f"{args.root}/{s}2017/*.jpg": f for s, f in found.items()})
     if args.hed_weights:  # one process drives the network (on the GPU when there is one)
         fn, workers = functools.partial(_sketch_pair, model=load_hed(args.hed_weights, args.device)), 1
     else:
@@ -266,7 +255,7 @@ def prepare_diode(args):
     normals = {s: [p for p in f if os.path.exists(p[:-4] + "_normal.npy")] for s, f in found.items()}
     parts = {f"{args.root}/{s}/<scene>/<scan>/*.png with *_depth.npy, *_depth_mask.npy": found[s] for s in found}
     parts.update({f"*_normal.npy beside the {s} images ({s}_normals.tar.gz)": normals[s] for s in normals})
-    require("DIODE", args.root, parts)
+    require(args, "DIODE", parts)
     prepare_splits(args, _diode_pair, found, "depth", args.workers)
 
 def prepare_toy(args):
@@ -281,8 +270,7 @@ def prepare_toy(args):
             lists[f"{split}_{task}.txt"].append(line)
     finish(args.out, lists, skipped, args.num)
 
-DATA_KEYS = {"ADE20K": "ade20k", "COCO-Stuff": "coco", "COCO images": "coco-sketch", "DIODE": "diode"}
-PREPARE = {"ade20k": prepare_ade20k, "coco": prepare_coco, "coco-sketch": prepare_coco_sketch,
+PREPARE = {"ade20k": prepare_masks, "coco": prepare_masks, "coco-sketch": prepare_coco_sketch,
            "diode": prepare_diode, "toy": prepare_toy}
 
 def check_args(args):

@@ -1,6 +1,4 @@
-"""Training pairs for PITI: an image and its condition, both ready for the model (docs/data.md).
-
-Every sample is a dict:
+"""Training pairs for PITI: an image and its condition, both ready for the model (docs/data.md). Each sample is a dict:
 
     image    3 x R x R float in [-1, 1]     R = 64 for the base model, 256 for the upsampler
     cond     C x 256 x 256 float in [-1, 1] C = 3 (mask), 1 (sketch), 6 (depth + normal)
@@ -8,9 +6,9 @@ Every sample is a dict:
     caption  str                            when the list file (or the toy world) has one
     path     str                            the image file, for logging and evaluation
 
-Conditions are encoded as in the PITI release (nanopiti.conditions) and always resized with
-nearest neighbour. Image and condition are resized (shorter side 256), cropped to 256 x 256 and
-flipped together, with randomness seeded by (seed, epoch, index); unreadable pairs are skipped.
+Conditions are encoded as in the PITI release (nanopiti.conditions) and always resized with nearest neighbour.
+Image and condition are resized (shorter side 256), cropped to 256 x 256 and flipped together, with randomness
+seeded by (seed, epoch, index); unreadable pairs are skipped.
 """
 
 import os
@@ -22,8 +20,7 @@ import torch
 from PIL import Image
 
 from .colormap import in_palette, labels_to_color
-from .conditions import (TASK_CHANNELS, binarize_sketch, distance_field, encode_depth, encode_normal,
-                         normals_from_depth, sketch_to_condition)
+from .conditions import TASK_CHANNELS, binarize_sketch, distance_field, sketch_to_condition
 
 class DataError(Exception):
     """A data file that cannot be used; `reason` is its category in the skip report ("size mismatch", ...)."""
@@ -31,8 +28,6 @@ class DataError(Exception):
     def __init__(self, message, reason="unreadable"):
         super().__init__(message)
         self.reason = reason
-
-# --- Reading files ---
 
 def open_image(path):
     """Open and fully decode an image, turning every PIL/OS failure into a one-line DataError."""
@@ -69,28 +64,6 @@ def label_image_to_color(img, palette="coco", name="label map"):
     raise DataError(f"{name} has mode {img.mode}; expected an RGB color-coded map or "
                     "single-channel class indices", reason="wrong channels")
 
-def read_list(list_file):
-    """Parse a list file: one pair per line, "image<TAB>condition[<TAB>caption]", paths
-    relative to the list file; a condition made of several files lists them comma-separated
-    (depth: "normal.png,depth.png"). Returns [(image, [conditions], caption or None, line)]."""
-    if not os.path.isfile(list_file):
-        raise DataError(f"list file {list_file} not found; create it with prepare_data.py")
-    base = os.path.dirname(os.path.abspath(list_file))
-    entries = []
-    with open(list_file, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            image = os.path.join(base, cols[0])
-            conds = [os.path.join(base, c) for c in cols[1].split(",")] if len(cols) > 1 and cols[1] else []
-            caption = cols[2] if len(cols) > 2 else None
-            entries.append((image, conds, caption, number))
-    return entries
-
-# --- Geometry shared by the datasets ---
-
 def shorter_side_size(w, h, size):
     """(w, h) -> the size whose shorter side is `size` (longer side truncated, as PITI does)."""
     return (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
@@ -104,9 +77,6 @@ def _to_unit(arr):
     """HxWxC (or HxW) uint8 -> CxHxW float32 in [-1, 1], in numpy (torch's threads cost more on arrays this small)."""
     x = np.asarray(arr, dtype=np.float32) / 127.5 - 1.0
     return np.ascontiguousarray(x[None] if x.ndim == 2 else x.transpose(2, 0, 1))
-
-def _to_tensor(arr):
-    return torch.from_numpy(_to_unit(arr))
 
 class PairTransform:
     """Resize / crop / flip an image and its condition arrays together, then encode them."""
@@ -141,7 +111,7 @@ class PairTransform:
 
         r = self.resolution
         image_r = _resize(np.ascontiguousarray(image), (r, r), Image.BICUBIC)
-        sample = {"image": _to_tensor(image_r), "cond": torch.from_numpy(cond)}
+        sample = {"image": torch.from_numpy(_to_unit(image_r)), "cond": torch.from_numpy(cond)}
         if self.upsampler:
             from .degrade import degrade_for_upsampler
             low = degrade_for_upsampler(image_r, r // self.low_res, rng)  # float in [0, 1]
@@ -152,13 +122,13 @@ class PairTransform:
 def sample_rng(seed, epoch, index):
     return np.random.default_rng([seed, epoch, index])
 
-# --- Datasets ---
-
 class PairedDataset(torch.utils.data.Dataset):
-    """Pairs from a list file of prepare_data.py (`read_list`). `upsampler` adds `low_res`, the image degraded
-    (nanopiti.degrade) by resolution // low_res; `palette` colors class-index label maps ('coco' or 'ade20k').
-    Lines with missing files are dropped at once, unusable files when first read: both are counted in `skipped`
-    and `report()` (a DataLoader worker's copy reports by its warnings only)."""
+    """Pairs from a list file of prepare_data.py: one pair a line, "image<TAB>condition[<TAB>caption]", paths
+    relative to the list file, a condition of several files comma-separated (depth: "normal.png,depth.png").
+    `upsampler` adds `low_res`, the image degraded (nanopiti.degrade) by resolution // low_res; `palette` colors
+    class-index label maps ('coco' or 'ade20k'). Malformed lines and missing files are dropped at once, unusable
+    files when first read: all are counted in `skipped` and `report()` (a DataLoader worker's copy reports by its
+    warnings only)."""
 
     def __init__(self, list_file, task, resolution=64, cond_size=256, random_flip=True, random_crop=True,
                  upsampler=False, low_res=64, seed=0, palette="coco", max_substitutions=16):
@@ -167,15 +137,25 @@ class PairedDataset(torch.utils.data.Dataset):
         self.seed, self.epoch, self.max_substitutions = seed, 0, max_substitutions
         self.skipped = defaultdict(list)  # reason -> [path, ...]
         self._bad = set()
+        if not os.path.isfile(list_file):
+            raise DataError(f"list file {list_file} not found; create it with prepare_data.py")
+        base = os.path.dirname(os.path.abspath(list_file))
         n_conds = 2 if task == "depth" else 1
         self.entries = []
-        for image, conds, caption, number in read_list(list_file):
-            if len(conds) != n_conds:
-                self.skipped["malformed line"].append(f"{list_file}:{number}")
-            elif missing := [p for p in [image] + conds if not os.path.isfile(p)]:
-                self.skipped["missing file"].append(missing[0])
-            else:
-                self.entries.append((image, conds, caption))
+        with open(list_file, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                cols = line.split("\t")
+                image = os.path.join(base, cols[0])
+                conds = [os.path.join(base, c) for c in cols[1].split(",")] if len(cols) > 1 and cols[1] else []
+                if len(conds) != n_conds:
+                    self.skipped["malformed line"].append(f"{list_file}:{number}")
+                elif missing := [p for p in [image] + conds if not os.path.isfile(p)]:
+                    self.skipped["missing file"].append(missing[0])
+                else:
+                    self.entries.append((image, conds, cols[2] if len(cols) > 2 else None))
         if not self.entries:
             raise DataError(f"{list_file}: no usable pairs ({self.report()})")
         if self.skipped:
@@ -202,8 +182,7 @@ class PairedDataset(torch.utils.data.Dataset):
                 conds.append(np.asarray(open_rgb(p)))
             if conds[-1].shape[:2] != image.shape[:2]:
                 raise DataError(f"{p}: size {conds[-1].shape[1]}x{conds[-1].shape[0]} differs from "
-                                f"its image {image_path} ({image.shape[1]}x{image.shape[0]})",
-                                reason="size mismatch")
+                                f"its image {image_path} ({image.shape[1]}x{image.shape[0]})", reason="size mismatch")
         return image, conds
 
     def __getitem__(self, index):
@@ -336,4 +315,4 @@ def load_condition_image(path, task, palette=None, size=256):
     if off.any():
         warnings.warn(f"{path}: {off.mean():.1%} of pixels have colors outside the {palette} "
                       "label palette; the model only knows the palette colors")
-    return _to_tensor(color)
+    return torch.from_numpy(_to_unit(color))

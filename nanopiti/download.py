@@ -1,12 +1,10 @@
-"""Fetching what nanopiti does not ship: dataset archives and pretrained weights.
+"""Fetching what nanopiti does not ship: dataset archives (for `prepare_data.py --download`) and pretrained weights.
 
     python -m nanopiti.download glide-base glide-upsample vgg19 hed   # into checkpoints/
 
-`download` is what `prepare_data.py --download` uses for the datasets' archives, too. A download
-resumes where an interrupted one stopped (HTTP Range requests on `dest.part`), and the file is
-checked before it is renamed into place: the announced size, the md5 where one is published, and
-then its contents (an archive's CRCs; for weights, that they load as the model they claim to be).
-So `dest` either does not exist or holds a complete, verified file.
+A download resumes where an interrupted one stopped (HTTP Range requests on `dest.part`) and is checked before it
+is renamed into place: the announced size, the md5 where one is published, then its contents (an archive's CRCs;
+weights must load as the model they claim to be). So `dest` either does not exist or holds a verified file.
 """
 
 import argparse
@@ -36,7 +34,6 @@ def download(url, dest, md5=None, check=None, chunk_size=1 << 20, timeout=60):
     headers = {"User-Agent": "nanopiti-download"}
     if start:
         headers["Range"] = f"bytes={start}-"
-    total = None
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as e:
@@ -113,36 +110,32 @@ def unpack(archive, target):
             for member in tqdm(t, desc="untar " + os.path.basename(archive)):
                 t.extract(member, target, filter="data")
 
-# --- Pretrained weights ---
-
-def _glide_problem(super_res):
+def _loads(load, error, **kwargs):
+    """check(path): None when load(path, **kwargs) succeeds, else the message of the `error` it raises."""
     def check(path):
         try:
-            config = load_model(path).config
-        except ModelError as e:
-            return str(e)
-        role = {False: "base model", True: "upsampler"}
-        if config["kind"] != "glide" or config["super_res"] != super_res:
-            return f"a {config['kind']} {role[config['super_res']]} where GLIDE's {role[super_res]} was expected"
-        return None
-    return check
-
-def _loads(load, error):
-    """check(path): None when load(path) succeeds, else the message of the `error` it raises."""
-    def check(path):
-        try:
-            load(path)
+            load(path, **kwargs)
         except error as e:
             return str(e)
         return None
     return check
 
+def _load_glide(path, super_res):
+    """Load `path`; a ModelError unless it is GLIDE's base model (super_res False) or upsampler (True)."""
+    config = load_model(path).config
+    role = {False: "base model", True: "upsampler"}
+    if config["kind"] != "glide" or config["super_res"] != super_res:
+        raise ModelError(f"a {config['kind']} {role[config['super_res']]} where GLIDE's {role[super_res]} "
+                         "was expected")
+
 # name -> (url, file name, what it is for, check)
 WEIGHTS = {
     "glide-base": ("https://openaipublic.blob.core.windows.net/diffusion/dec-2021/base.pt", "base.pt",
-                   "GLIDE's 64x64 text prior: train.py --stage 1 --init", _glide_problem(False)),
+                   "GLIDE's 64x64 text prior: train.py --stage 1 --init",
+                   _loads(_load_glide, ModelError, super_res=False)),
     "glide-upsample": ("https://openaipublic.blob.core.windows.net/diffusion/dec-2021/upsample.pt", "upsample.pt",
-                       "GLIDE's 64->256 upsampler: train.py --stage up --init", _glide_problem(True)),
+                       "GLIDE's 64->256 upsampler: train.py --stage up --init",
+                       _loads(_load_glide, ModelError, super_res=True)),
     "vgg19": ("https://download.pytorch.org/models/vgg19-dcbccd4d.pth", "vgg19-dcbccd4d.pth",
               "ImageNet VGG19 for the perceptual loss: train.py --stage up --vgg-weights",
               _loads(VGGPerceptual, PerceptualError)),
@@ -150,28 +143,24 @@ WEIGHTS = {
             "HED edges for sketches: prepare_data.py --data coco-sketch --hed-weights", _loads(load_hed, HEDError)),
 }
 
-def fetch_weights(name, out):
-    """Download (or find already downloaded) the weights `name` into folder `out`; return the path."""
-    url, filename, _, check = WEIGHTS[name]
-    path = os.path.join(out, filename)
-    if os.path.exists(path):
-        print(f"{path}: already downloaded")
-        return path
-    os.makedirs(out, exist_ok=True)
-    download(url, path, check=check)
-    return path
-
 def main(argv=None):
     listing = "\n".join(f"  {name:<15} {entry[2]}" for name, entry in WEIGHTS.items())
     parser = argparse.ArgumentParser(description="Download pretrained weights, verified.", epilog=listing,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="+", choices=list(WEIGHTS), metavar="NAME", help="one or more of: "
-                        + ", ".join(WEIGHTS))
+    parser.add_argument("names", nargs="+", choices=list(WEIGHTS), metavar="NAME",
+                        help="one or more of: " + ", ".join(WEIGHTS))
     parser.add_argument("--out", default="checkpoints", help="folder to download into")
     args = parser.parse_args(argv)
     try:
         for name in args.names:
-            print(f"{name}: {fetch_weights(name, args.out)}")
+            url, filename, _, check = WEIGHTS[name]
+            path = os.path.join(args.out, filename)
+            if os.path.exists(path):
+                print(f"{path}: already downloaded")
+            else:
+                os.makedirs(args.out, exist_ok=True)
+                download(url, path, check=check)
+            print(f"{name}: {path}")
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
