@@ -1,29 +1,20 @@
 """The paper's ablations in miniature, on the toy world (paper section 4.3, Tables 3 and 4, Fig. 6).
 
     python ablations.py --prior-base checkpoints/toy_prior_base.pt --prior-up checkpoints/toy_prior_upsample.pt
-
-Trains, from the shipped toy prior and with the toy recipe (docs/toy_world.md), every variant the
-paper compares, once per `--seeds` (train.py in subprocesses, `--jobs` at a time, each on one CPU
-thread), samples held-out toy masks with each, measures the samples with toyworld.judge (mIoU of a
-toy segmenter against the input mask: faithfulness; Frechet distance in its feature space: "toy
-FID"; saturation and high-frequency energy: the guidance comparison) and writes `--out`/results.md
-(the mean over the seeds and each seed's value) and picture grids:
-
-* finetuning (Table 3a): frozen decoder (stage 1 only) | one-stage (stage 2 from the prior) |
-  two-stage (stage 1, then stage 2), the same total number of steps for the last two;
-* pretraining and data (Table 4): two-stage and one-stage from the prior vs the same architecture trained
-  from scratch, on 25%, 50% and 100% of the paired training scenes;
-* the upsampler (Table 3b): diffusion loss only | + perceptual | + perceptual + adversarial.
-
-`--tables` picks some of them. The guidance comparison (Fig. 6) needs one model only: `--guidance`.
-Finished runs are reused (their latest.pt), so an interrupted script can simply be restarted.
-
     python ablations.py --measure checkpoints/toy_mask_base.pt checkpoints/toy_mask_upsample.pt
     python ablations.py --guidance checkpoints/toy_mask_base.pt
 
-train nothing: the first measures a base model (and an upsampler) as sample.py runs them (how the
-shipped toy models were measured), the second runs the guidance comparison (Fig. 6: CF vs NCF at
-w in {1, 3, 5}) with one base model, once per seed.
+The first trains every variant the paper compares from the toy prior with the toy recipe (docs/toy_world.md), once
+per `--seeds` (train.py in subprocesses, `--jobs` at a time, one CPU thread each; finished runs are reused, so an
+interrupted script can simply be restarted), samples held-out toy masks with each, measures the samples with
+toyworld.judge (mIoU: faithfulness; toy FID; saturation and high-frequency energy) and writes `--out`/results.md
+(the mean over the seeds and each seed's value) and picture grids. `--tables` picks some of:
+* 3a (finetuning): frozen decoder (stage 1 only) | one-stage (stage 2 from the prior) | two-stage (stage 1, then
+  stage 2), the last two with the same total number of steps;
+* 4 (pretraining and data): two-stage and one-stage from the prior vs scratch, on 25, 50 and 100% of the scenes;
+* 3b (the upsampler): diffusion loss only | + perceptual | + perceptual + adversarial.
+The other two train nothing: the second measures a base model (and an upsampler) as sample.py runs them (how the
+shipped toy models were measured), the third compares guidance (Fig. 6: CF vs NCF at w in {1, 3, 5}), per seed.
 """
 
 import argparse
@@ -63,15 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--w", type=float, default=1.0, help="NCF strength for the finetuning ablations")
     p.add_argument("--jobs", type=int, default=2, help="training runs at a time")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="train and sample every variant once per seed")
-    p.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES),
-                   help="the paper's tables to rerun")
-    p.add_argument("--measure", nargs="+", metavar="BASE [UP]",
-                   help="train nothing: measure a base model (and an upsampler) with sample.py's defaults on --eval-n "
-                   "held-out conditions")
+    p.add_argument("--tables", nargs="+", choices=list(TABLES), default=list(TABLES), help="the tables to rerun")
+    p.add_argument("--measure", nargs="+", metavar="BASE [UP]", help="train nothing: measure BASE (and UP)")
     p.add_argument("--guidance", metavar="BASE", help="train nothing: the CF/NCF comparison with this base model")
-    args = p.parse_args(argv)
-    args.seed = args.seeds[0]  # --measure samples with the first
-    return args
+    return p.parse_args(argv)
 
 # --- training runs ---
 
@@ -79,18 +65,15 @@ def variants(args):
     """The variants of the tables in `args.tables`, each once, in the tables' order."""
     return list(dict.fromkeys(name for table in args.tables for name in TABLES[table]))
 
-def train_command(args, seed, stage, out, init, steps, *extra):
-    """One train.py run with the toy recipe: high-noise timesteps, EMA 0.999 (docs/toy_world.md)."""
-    return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
-            "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--timesteps", "high-noise", "--ema", "0.999", "--seed", str(seed), "--save-every", "500",
-            "--sample-every", "0", "--workers", "0", "--resume", "auto", *extra]
-
 def plan(args, seed):
-    """name -> list of train.py commands run one after the other (a chain of stages), in --out/seed<seed>, for
-    the variants of `args.tables` ("frozen" is the two-stage chain's first stage)."""
+    """name -> the train.py commands run one after the other (a chain of stages), in --out/seed<seed>, for the
+    variants of `args.tables` ("frozen" is the two-stage chain's first stage)."""
     o, s = f"{args.out}/seed{seed}", args.steps
-    run = lambda *a: train_command(args, seed, *a)  # noqa: E731
+    def run(stage, out, init, steps, *extra):  # the toy recipe: high-noise timesteps, EMA 0.999 (docs/toy_world.md)
+        return [sys.executable, "train.py", "--stage", stage, "--data", "toy", "--init", init, "--out", out,
+                "--max-steps", str(steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+                "--timesteps", "high-noise", "--ema", "0.999", "--seed", str(seed), "--save-every", "500",
+                "--sample-every", "0", "--workers", "0", "--resume", "auto", *extra]
     chains = {
         "two-stage": [run("1", f"{o}/frozen", args.prior_base, s),
                       run("2", f"{o}/two-stage", f"{o}/frozen/latest.pt", s)],
@@ -117,8 +100,7 @@ def run_chain(commands):
         env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread each: runs share the cores
         with open(f"{out}.log", "a") as log:
             if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                raise RuntimeError(f"train.py for {out} failed: see {out}.log, fix what it says and rerun this command "
-                                   "(finished runs are reused)")
+                raise RuntimeError(f"train.py for {out} failed: see {out}.log, fix it and rerun (done runs are reused)")
 
 # --- evaluation ---
 
@@ -126,19 +108,17 @@ def heldout(n, resolution=32, task="mask"):
     """Held-out toy scenes: conditions of `task` at 128x128, class-id labels, real images at `resolution`."""
     data = ToyDataset(n, task, resolution=resolution, cond_size=128, random_flip=False,
                       first_scene=HELDOUT_SEED0, vary_appearance=False)
-    cond = torch.stack([data[i]["cond"] for i in range(n)])
-    images = torch.stack([data[i]["image"] for i in range(n)])
+    samples = [data[i] for i in range(n)]
     labels = np.stack([render_scene(HELDOUT_SEED0 + i, 128).label for i in range(n)])
-    return cond, labels, images
+    return torch.stack([x["cond"] for x in samples]), labels, torch.stack([x["image"] for x in samples])
 
 def sample_base(path, cond, args, seed, w, guidance="ncf"):
-    g = torch.Generator().manual_seed(seed)
-    return sample.sample_base(load_model(path), cond, w=w, guidance=guidance, steps=args.sample_steps, generator=g,
-                              progress=False)
+    return sample.sample_base(load_model(path), cond, w=w, guidance=guidance, steps=args.sample_steps,
+                              generator=torch.Generator().manual_seed(seed), progress=False)
 
 def upsample(path, cond, low_res, seed):
-    g = torch.Generator().manual_seed(seed)
-    return sample.sample_upsampler(load_model(path), cond, low_res, generator=g, progress=False)
+    return sample.sample_upsampler(load_model(path), cond, low_res, generator=torch.Generator().manual_seed(seed),
+                                   progress=False)
 
 def grid(columns, path, rows=4):
     """The first `rows` examples of each N x 3 x H x W column, one row per example."""
@@ -162,30 +142,28 @@ def evaluate(args, seed, judge):
         grid([real] + [samples[name] for name in ups] + [real_up], f"{o}/upsampler.png")
     return metrics
 
-GUIDANCE = [(guidance, w) for guidance in ("cf", "ncf") for w in (1.0, 3.0, 5.0)]
-
 def measure_guidance(args, judge):
     """--guidance (Fig. 6): name -> metrics per seed of one base model at every CF/NCF strength, a grid per seed."""
     cond, labels, real = heldout(args.eval_n)
     per_seed = []
     for seed in args.seeds:
-        samples = {f"{g} w={w:g}": sample_base(args.guidance, cond, args, seed, w, g) for g, w in GUIDANCE}
+        samples = {f"{g} w={w:g}": sample_base(args.guidance, cond, args, seed, w, g)
+                   for g in ("cf", "ncf") for w in (1.0, 3.0, 5.0)}
         grid([cond] + list(samples.values()), f"{args.out}/guidance_seed{seed}.png")
         per_seed.append({n: evaluate_samples(judge, x, labels, reference=real) for n, x in samples.items()})
     return per_seed
 
 def measure_models(args):
-    """--measure: the pipeline of sample.py with its defaults (NCF w = 0.3, 250 DDPM steps, fast27
-    upsampler) on --eval-n held-out toy conditions of the model's task; mIoU (against the scenes' label maps)
-    and toy FID of the base and the upsampled samples, the base model's condition measure at t = 500, and a
-    grid (condition | base | upsampled | real)."""
+    """--measure: sample.py's pipeline with its defaults (NCF w = 0.3, 250 DDPM steps, fast27 upsampler) on --eval-n
+    held-out conditions of the model's task: mIoU and toy FID of the base and upsampled samples, the base model's
+    condition measure at t = 500, a grid (condition | base | upsampled | real)."""
     base = sample.load_piti(args.measure[0], upsampler=False)
     up = sample.load_piti(args.measure[1], upsampler=True) if len(args.measure) == 2 else None
     task = sample.check_pair(base, up, None)
     judge = get_segmenter(f"{args.out}/segmenter.pt")
     cond, labels, real = heldout(args.eval_n, task=task)
     real_up = heldout(args.eval_n, resolution=64, task=task)[2]
-    low, high = sample.generate(base, up, cond, cond, generator=torch.Generator().manual_seed(args.seed))
+    low, high = sample.generate(base, up, cond, cond, generator=torch.Generator().manual_seed(args.seeds[0]))
     use = condition_use(base, real, {"cond": cond}, {"cond": torch.ones_like(cond)}, timesteps=(500,))[500]
     rows = {"base": evaluate_samples(judge, low, labels, reference=real)}
     if up is not None:

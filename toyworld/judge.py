@@ -1,15 +1,8 @@
-"""Measuring samples in the toy world: faithfulness, realism, saturation and detail.
-
-The paper measures mask-to-image results with FID (realism) and, as SPADE and OASIS do, by segmenting the samples
-and comparing with the input mask (faithfulness, mIoU). The toy world has endless labelled images, so nanopiti
-trains its own judge, a small UNet segmenter: its held-out mIoU says how well it judges (state it beside its
-numbers), its pooled features stand in for Inception's in a Frechet distance computed as FID ("toy FID").
-For the guidance comparison (paper Fig. 6: CF at large w over-saturates and washes out detail, NCF does not):
-mean HSV saturation and the share of spectral energy at high spatial frequencies.
-
-Images are taken as uint8 numpy N x H x W x 3 (renders, files) or as float torch tensors
-N x 3 x H x W in [-1, 1] (the model's samples); label maps as integer class ids N x H x W.
-"""
+"""The toy judge (docs/toy_world.md). The paper measures mask-to-image results with FID (realism) and, as SPADE and
+OASIS do, by segmenting the samples and comparing with the input mask (faithfulness, mIoU). Here a small UNet segmenter
+trained on toy renders judges: its held-out mIoU says how well (state it beside its numbers), its pooled features stand
+in for Inception's in FID ("toy FID"). For the guidance comparison (paper Fig. 6: CF at large w over-saturates and
+washes out detail, NCF does not): mean HSV saturation and the share of spectral energy at high frequencies."""
 
 import os
 
@@ -38,8 +31,7 @@ def to_model_input(images, size=None):
     return x
 
 def labels_from_colors(color_maps):
-    """Color-coded label maps (uint8 N x H x W x 3 or [-1, 1] N x 3 x H x W) -> class ids N x H x W,
-    each pixel taking the class of the nearest TOY_COLORS entry."""
+    """Color-coded label maps (images, as to_model_input takes) -> class ids N x H x W: the nearest TOY_COLORS."""
     x = (to_model_input(color_maps) + 1) * 127.5
     palette = torch.from_numpy(TOY_COLORS.astype(np.float32))
     dist = ((x[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)  # N x classes x H x W
@@ -54,9 +46,8 @@ def _block(c_in, c_out, stride=1):
                          nn.SiLU())
 
 class ToySegmenter(nn.Module):
-    """A small UNet that works at 1/2, 1/4 and 1/8 of the input resolution (cheap on a CPU):
-    stride-2 stem -> w (1/2) -> 2w (1/4) -> 4w (1/8), back up with skips to 1/2, class logits
-    upsampled bilinearly to the input size."""
+    """A small UNet, cheap on a CPU: stride-2 stem -> w (1/2) -> 2w (1/4) -> 4w (1/8), back up with skips to 1/2,
+    class logits upsampled bilinearly to the input size."""
 
     def __init__(self, num_classes=len(TOY_CLASSES), width=16, size=64):
         super().__init__()
@@ -112,7 +103,6 @@ def train_segmenter(num_images=1000, size=64, steps=1000, seed=0, batch_size=16,
         model = ToySegmenter(width=width, size=size)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    model.train()
     for _ in tqdm(range(steps), desc="training the segmenter", leave=False):
         idx = torch.randint(0, num_images, (batch_size,), generator=gen)
         x, flip = _augment(x_all[idx], gen)
@@ -132,14 +122,10 @@ def segment(model, images, batch_size=64):
 
 @torch.no_grad()
 def features(model, images, batch_size=64):
-    """Per image: the mean over pixels of the segmenter's deepest (4w) and last hidden (w) layers,
-    float64 N x 5w, the space of the toy Frechet distance."""
+    """Per image, the pixel means of the segmenter's deepest (4w) and last hidden (w) layers: float64 N x 5w."""
     x = to_model_input(images, model.size)
-    out = []
-    for i in range(0, len(x), batch_size):
-        deep, last = model.trunk(x[i:i + batch_size])
-        out.append(torch.cat([deep.mean((2, 3)), last.mean((2, 3))], 1))
-    return torch.cat(out).double().numpy()
+    batches = (model.trunk(x[i:i + batch_size]) for i in range(0, len(x), batch_size))
+    return torch.cat([torch.cat([deep.mean((2, 3)), last.mean((2, 3))], 1) for deep, last in batches]).double().numpy()
 
 def save_segmenter(model, path, **info):
     """Save weights, config and any extra info (e.g. the held-out mIoU) in one file."""
@@ -167,8 +153,7 @@ def load_segmenter(path):
     return model.eval()
 
 def get_segmenter(path, **train_kwargs):
-    """Load the segmenter saved at `path`, or train one (train_segmenter's arguments), measure its
-    held-out mIoU, save it there and return it."""
+    """Load the segmenter at `path`, or train one (train_segmenter's arguments), measure it and save it there."""
     if os.path.isfile(path):
         return load_segmenter(path)
     model = train_segmenter(**train_kwargs)
@@ -200,15 +185,12 @@ def heldout_miou(model, n=200):
     images, labels = toy_batch(HELDOUT_SEED0 + np.arange(n), model.size)
     return miou(segment(model, images), labels)
 
-def _sqrtm_psd(m):
-    w, v = torch.linalg.eigh(m)
-    return (v * w.clamp(min=0).sqrt()) @ v.T
-
 def frechet_distance_from_stats(mu1, sigma1, mu2, sigma2):
     """d^2 = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)) (FID's formula), the trace from the eigenvalues
     of M = S1^(1/2) S2 S1^(1/2): similar to S1 S2 but symmetric PSD, so eigh gives them real and stable."""
     mu1, mu2, s1, s2 = (torch.as_tensor(np.asarray(a), dtype=torch.float64) for a in (mu1, mu2, sigma1, sigma2))
-    r = _sqrtm_psd(s1)
+    w, v = torch.linalg.eigh(s1)
+    r = (v * w.clamp(min=0).sqrt()) @ v.T  # S1^(1/2)
     m = r @ s2 @ r
     tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
     return float(((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean)
@@ -231,7 +213,7 @@ def high_frequency_energy(images, cutoff=0.25):
     """Share of the (mean-removed) luminance spectrum's energy above `cutoff` cycles per pixel
     (Nyquist is 0.5), averaged over images: low when detail is washed out."""
     x = (to_model_input(images) + 1) / 2
-    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])
+    gray = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     gray = gray - gray.mean((1, 2), keepdim=True)
     power = torch.fft.fft2(gray).abs() ** 2
     fy, fx = torch.fft.fftfreq(gray.shape[1]), torch.fft.fftfreq(gray.shape[2])
@@ -241,9 +223,8 @@ def high_frequency_energy(images, cutoff=0.25):
 def evaluate_samples(model, samples, labels, reference=None):
     """All toy metrics of `samples` for the label maps `labels` (class ids N x H x W): mIoU against the labels
     (nearest, at the segmenter's resolution), and with `reference` images (real renders) the toy FID."""
-    labels = _as_long_tensor(labels)
-    size = (model.size, model.size)
-    target = F.interpolate(labels[:, None].float(), size=size, mode="nearest-exact")[:, 0].long()
+    labels = _as_long_tensor(labels)[:, None].float()
+    target = F.interpolate(labels, size=(model.size, model.size), mode="nearest-exact")[:, 0].long()
     out = {"miou": miou(segment(model, samples), target), "saturation": saturation(samples),
            "hf_energy": high_frequency_energy(samples)}
     if reference is not None:

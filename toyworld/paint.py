@@ -1,10 +1,7 @@
-"""Painting toy scenes: rasterization, noise textures and the appearance of every class.
-
-`Painter` draws a layout of toyworld.world back to front on a `Canvas` that holds the label map,
-a part-id map (its edges are the sketch), the depth map and the colors. Everything about colors
-comes from the appearance generator `rng`; the geometry comes from the layout alone, so the label,
-sketch and depth maps do not depend on the appearance.
-"""
+"""Painting toy scenes: rasterization, noise textures and the appearance of every class. `Painter` draws a
+layout back to front on a `Canvas` of label, part-id (its edges are the sketch), depth and color maps. Colors come
+from the appearance generator `rng` only, geometry from the layout only, so the label, sketch and depth maps do
+not depend on the appearance."""
 
 from functools import lru_cache
 
@@ -35,29 +32,21 @@ def _fractal_noise(rng, size, cells=(4, 8, 16, 32)):
     return total / sum(0.6 ** k for k in range(len(cells)))
 
 def _box(size, x0, y0, x1, y1):
-    """Pixel slices covering a normalized box, with local pixel-center coordinates; None if empty."""
-    c0, r0 = max(int(np.floor(x0 * size)), 0), max(int(np.floor(y0 * size)), 0)
-    c1, r1 = min(int(np.ceil(x1 * size)), size), min(int(np.ceil(y1 * size)), size)
-    if c1 <= c0 or r1 <= r0:
-        return None
+    """Pixel slices covering a normalized box, clipped to the image (maybe empty), with pixel-center coordinates."""
+    c0, r0 = np.clip(np.floor([x0 * size, y0 * size]), 0, size).astype(int)
+    c1, r1 = np.clip(np.ceil([x1 * size, y1 * size]), 0, size).astype(int)
     xs = ((np.arange(c0, c1) + 0.5) / size)[None, :]
     ys = ((np.arange(r0, r1) + 0.5) / size)[:, None]
     return (slice(r0, r1), slice(c0, c1)), xs, ys
 
 def _ellipse(size, cx, cy, rx, ry):
-    box = _box(size, cx - rx, cy - ry, cx + rx, cy + ry)
-    if box is None:
-        return None
-    sl, xs, ys = box
+    sl, xs, ys = _box(size, cx - rx, cy - ry, cx + rx, cy + ry)
     return sl, ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 < 1
 
 def _polygon(size, points):
     """Mask of a convex polygon: inside all edges' half planes (either winding)."""
     p = np.asarray(points, dtype=np.float64)
-    box = _box(size, *p.min(0), *p.max(0))
-    if box is None:
-        return None
-    sl, xs, ys = box
+    sl, xs, ys = _box(size, *p.min(0), *p.max(0))
     d = np.roll(p, -1, 0) - p
     sign = np.sign(np.sum(p[:, 0] * np.roll(p[:, 1], -1) - np.roll(p[:, 0], -1) * p[:, 1]))
     inside = np.ones((ys.shape[0], xs.shape[1]), dtype=bool)
@@ -66,14 +55,13 @@ def _polygon(size, points):
     return sl, inside
 
 def _rect(size, x0, y0, x1, y1):
-    box = _box(size, x0, y0, x1, y1)
-    return None if box is None else (box[0], np.ones((box[2].shape[0], box[1].shape[1]), bool))
+    sl, xs, ys = _box(size, x0, y0, x1, y1)
+    return sl, np.ones((ys.shape[0], xs.shape[1]), bool)
 
 class Canvas:
     """Label, part-id, depth and color buffers painted back to front (painter's algorithm)."""
 
     def __init__(self, size):
-        self.size = size
         self.label = np.zeros((size, size), np.uint8)
         self.part = np.zeros((size, size), np.int32)  # one id per object part: the sketch's edges
         self.depth = np.full((size, size), SKY_DEPTH, np.float32)
@@ -87,8 +75,6 @@ class Canvas:
 
     def paint(self, shape, cls, part, depth, color, emits=False):
         """Paint `shape` = (slices, mask); color is RGB or an RGB field over the slices' box."""
-        if shape is None:
-            return
         sl, m = shape
         self.label[sl][m] = cls
         self.part[sl][m] = part
@@ -137,7 +123,7 @@ class Painter:
         self.snow = np.zeros((size, size), bool)  # snow-covered mountain pixels, for the caption
 
     def textured(self, shape, color, amount=0.05):
-        return color if shape is None else _shaded(color, 1 + amount * self.grain[shape[0]])
+        return _shaded(color, 1 + amount * self.grain[shape[0]])
 
     def tiled(self, shape, color, scale):
         """Roof tiles: darker horizontal stripes whose spacing shrinks with distance."""
@@ -166,12 +152,11 @@ class Painter:
         glow = {"day": 0.35, "dusk": 0.6, "night": 0.15}[self.tod] * np.exp(-dist / (3 * r))
         self.cv.color[:r0] += glow[..., None] * (color - self.cv.color[:r0])
         shape = _ellipse(self.size, sx, sy, r, r)
-        if shape is not None:  # a disk, a little darker at the limb
-            (rows, cols), _ = shape
-            shade = 1 - 0.12 * (np.hypot(self.xs[None, cols] - sx, self.ys[rows, None] - sy) / r) ** 2
-            if self.tod == "night":  # the moon's maria
-                shade = shade - 0.12 * (self.blotch[shape[0]] > 0.15)
-            self.cv.paint(shape, SUN, self.cv.new_part(), SKY_DEPTH, _shaded(color, shade), emits=True)
+        (rows, cols), _ = shape  # a disk, a little darker at the limb
+        shade = 1 - 0.12 * (np.hypot(self.xs[None, cols] - sx, self.ys[rows, None] - sy) / r) ** 2
+        if self.tod == "night":  # the moon's maria
+            shade = shade - 0.12 * (self.blotch[shape[0]] > 0.15)
+        self.cv.paint(shape, SUN, self.cv.new_part(), SKY_DEPTH, _shaded(color, shade), emits=True)
 
     def clouds(self):
         base = _jitter(self.rng, {"day": (246, 246, 250), "dusk": (255, 215, 200),
@@ -179,16 +164,13 @@ class Painter:
         for cloud in self.layout.clouds:
             part = self.cv.new_part()
             top, bottom = (cloud[:, 1] - cloud[:, 3]).min(), (cloud[:, 1] + cloud[:, 3]).max()
-            for cx, cy, rx, ry in cloud:
+            for cx, cy, rx, ry in cloud:  # lit from above, a little darker underneath
                 shape = _ellipse(self.size, cx, cy, rx, ry)
-                if shape is not None:  # lit from above, a little darker underneath
-                    shade = 1 - 0.3 * (self.ys[shape[0][0]][:, None] - top) / (bottom - top)
-                    shade = shade + 0.08 * self.blotch[shape[0]]
-                    self.cv.paint(shape, CLOUD, part, CLOUD_DEPTH, _shaded(base, shade))
+                shade = 1 - 0.3 * (self.ys[shape[0][0]][:, None] - top) / (bottom - top)
+                self.cv.paint(shape, CLOUD, part, CLOUD_DEPTH, _shaded(base, shade + 0.08 * self.blotch[shape[0]]))
 
     def mountains(self):
-        rng, h, size = self.rng, self.layout.horizon, self.size
-        ridges = self.layout.ridges
+        rng, h, size, ridges = self.rng, self.layout.horizon, self.size, self.layout.ridges
         if not ridges:
             return
         base = _jitter(rng, MOUNTAIN_COLORS[rng.integers(len(MOUNTAIN_COLORS))], 10)
@@ -240,10 +222,8 @@ class Painter:
             center, half = road_center(lay, Y)
             color[m & (np.abs(X - center) < 0.05 * half) & ((depth / 3.0) % 1 < 0.5)] = (235, 228, 200)
         parts = np.zeros(len(TOY_CLASSES), np.int32)
-        for c in (GRASS, SAND, WATER, ROAD):
-            parts[c] = cv.new_part()
-        cv.label[r0:], cv.part[r0:], cv.depth[r0:], cv.color[r0:] = cls, parts[cls], depth, color
-        cv.emits[r0:] = False
+        parts[[GRASS, SAND, WATER, ROAD]] = [cv.new_part() for _ in range(4)]
+        cv.label[r0:], cv.part[r0:], cv.depth[r0:], cv.color[r0:], cv.emits[r0:] = cls, parts[cls], depth, color, False
 
     def house(self, o):
         rng, size, cv, s = self.rng, self.size, self.cv, o.scale
@@ -260,37 +240,27 @@ class Painter:
             cv.paint(wing, HOUSE, parts[0], depth, wall * 0.78)
             quad = _polygon(size, [(o.x, top - hr), (o.x + o.side * o.wing * s, top - hr),
                                    (far + o.side * over, top), (edge + o.side * over, top)])
-            if quad is not None:
-                cv.paint(quad, HOUSE, parts[1], depth, self.tiled(quad, roof, s))
+            cv.paint(quad, HOUSE, parts[1], depth, self.tiled(quad, roof, s))
             front = _polygon(size, [(left, o.y), (right, o.y), (right, top), (o.x, top - hr), (left, top)])
             cv.paint(front, HOUSE, parts[2], depth, self.textured(front, wall))
-            step = o.wing * s / (o.windows + 1)
-            for k in range(1, o.windows + 1):
-                wx = edge + o.side * k * step
-                parts.append(self.window(_rect(size, wx - 0.12 * hw, o.y - 0.65 * hw, wx + 0.12 * hw,
-                                               o.y - 0.35 * hw), depth))
+            step = o.wing * s / (o.windows + 1)  # windows: center x, half width, top and bottom in wall heights
+            windows = [(edge + o.side * k * step, 0.12 * hw, 0.65, 0.35) for k in range(1, o.windows + 1)]
         else:
             front = _rect(size, left, top, right, o.y)
             cv.paint(front, HOUSE, parts[2], depth, self.textured(front, wall))
             gable = _polygon(size, [(left - over, top), (right + over, top), (o.x, top - hr)])
-            if gable is not None:
-                cv.paint(gable, HOUSE, parts[1], depth, self.tiled(gable, roof, s))
-            for wx in (left + 0.2 * w, right - 0.2 * w):
-                parts.append(self.window(_rect(size, wx - 0.1 * w, o.y - 0.75 * hw, wx + 0.1 * w,
-                                               o.y - 0.45 * hw), depth))
+            cv.paint(gable, HOUSE, parts[1], depth, self.tiled(gable, roof, s))
+            windows = [(wx, 0.1 * w, 0.75, 0.45) for wx in (left + 0.2 * w, right - 0.2 * w)]
+        for wx, half, y0, y1 in windows:  # each its own part (a line in the sketch), lit at night most of the time
+            parts.append(cv.new_part())
+            lit = self.tod == "night" and rng.random() < 0.7
+            color = _jitter(rng, (255, 215, 140), 10) if lit else _jitter(rng, (165, 195, 220), 12)
+            cv.paint(_rect(size, wx - half, o.y - y0 * hw, wx + half, o.y - y1 * hw), HOUSE, parts[-1], depth, color,
+                     emits=lit)
         door_x = o.x + o.door * w
         cv.paint(_rect(size, door_x - 0.09 * w, o.y - 0.55 * hw, door_x + 0.09 * w, o.y), HOUSE, parts[3],
                  depth, _jitter(rng, (95, 60, 40), 15))
         self.objects.append(("house", name, parts))
-
-    def window(self, shape, depth):
-        """A window: its own part (a line in the sketch), lit at night most of the time."""
-        part = self.cv.new_part()
-        if self.tod == "night" and self.rng.random() < 0.7:
-            self.cv.paint(shape, HOUSE, part, depth, _jitter(self.rng, (255, 215, 140), 10), emits=True)
-        else:
-            self.cv.paint(shape, HOUSE, part, depth, _jitter(self.rng, (165, 195, 220), 12))
-        return part
 
     def tree(self, o):
         rng, size, cv, s = self.rng, self.size, self.cv, o.scale
@@ -305,16 +275,14 @@ class Painter:
                 bottom, half = o.y - trunk_h - 0.8 * k * r, r * (1 - 0.25 * k)
                 shapes.append(_polygon(size, [(o.x - half, bottom), (o.x + half, bottom), (o.x, bottom - 1.4 * r)]))
         else:
-            autumn = rng.random() < 0.2
-            leaves = _jitter(rng, (200, 115, 35) if autumn else (55, 115, 45), 15)
+            leaves = _jitter(rng, (200, 115, 35) if rng.random() < 0.2 else (55, 115, 45), 15)  # autumn or summer
             cy = o.y - trunk_h - r
             shapes = [_ellipse(size, o.x + dx * s, cy + dy * s, rb * s, rb * s) for dx, dy, rb in o.blobs]
         top = o.y - trunk_h - 2.4 * r
-        for shape in shapes:
-            if shape is not None:  # lit from the sun's side and from above, leafy grain
-                ys, xs = self.ys[shape[0][0]][:, None], self.xs[shape[0][1]][None, :]
-                shade = 1.1 - 0.25 * (ys - top) / (2.4 * r) + 0.12 * self.light_x * (xs - o.x) / r
-                cv.paint(shape, TREE, crown, depth, _shaded(leaves, shade + 0.25 * self.grain[shape[0]]))
+        for shape in shapes:  # lit from the sun's side and from above, leafy grain
+            ys, xs = self.ys[shape[0][0]][:, None], self.xs[shape[0][1]][None, :]
+            shade = 1.1 - 0.25 * (ys - top) / (2.4 * r) + 0.12 * self.light_x * (xs - o.x) / r
+            cv.paint(shape, TREE, crown, depth, _shaded(leaves, shade + 0.25 * self.grain[shape[0]]))
         self.objects.append(("tree", o.pine, [trunk, crown]))
 
     def finish(self):

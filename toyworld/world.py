@@ -1,23 +1,11 @@
-"""The toy world: a procedural generator of small outdoor scenes.
+"""The toy world: a procedural generator of small outdoor scenes (docs/toy_world.md). A scene is drawn in two steps:
+`sample_layout(seed)` draws the geometry in normalized coordinates (x right, y down, both in [0, 1]); `render(layout,
+size, appearance_seed)` rasterizes it at any size and paints it (toyworld/paint.py) with colors and textures drawn
+from a second seed. The label map, sketch and depth depend on the layout only, the image and caption also on the
+appearance: one label map (the condition) has many plausible images, as in the real mask-to-image task. Class i is
+drawn with color i of PITI's COCO label colormap, the convention of the real data."""
 
-Nobody can train PITI's 385M-parameter models on a laptop, so nanopiti brings a world of its own
-in which the whole method runs on a CPU in minutes. A scene is drawn in two steps:
-
-1. `sample_layout(seed)`: the geometry, in normalized coordinates (x right, y down, both in [0, 1]):
-   a horizon, mountain ridges, the sun, clouds, the ground (sea and shore, lake, road) and the
-   houses and trees standing on it.
-2. `render(layout, size, appearance_seed)`: rasterizes the layout at any size and paints it with
-   colors and textures drawn from a second seed: time of day (day, dusk, night), sky gradient,
-   wall and roof colors, autumn or green trees, snow, asphalt or dirt road, noise textures, fog
-   (the painting itself is in toyworld/paint.py).
-
-The label map, the sketch and the depth map depend on the layout only; the image and the caption
-also depend on the appearance. So one layout (one label map, the condition) has many plausible
-images, as in the real mask-to-image task. The ten classes and their label colors follow the
-convention of the real data: class i is drawn with color i of PITI's COCO label colormap.
-"""
-
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,9 +15,8 @@ HELDOUT_SEED0 = 10 ** 9  # held-out scenes (the judge, the ablations) use layout
 TOY_CLASSES = ("sky", "cloud", "sun", "mountain", "water", "sand", "grass", "tree", "house", "road")
 SKY, CLOUD, SUN, MOUNTAIN, WATER, SAND, GRASS, TREE, HOUSE, ROAD = range(10)
 # colormap[i] of PITI's COCO label colors (tests/golden/label_colormap_182.json holds them all).
-TOY_COLORS = np.array([[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128],
-                       [0, 128, 128], [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]],
-                      dtype=np.uint8)
+TOY_COLORS = np.array([[128, 0, 0], [0, 128, 0], [128, 128, 0], [0, 0, 128], [128, 0, 128], [0, 128, 128],
+                       [128, 128, 128], [64, 0, 0], [192, 0, 0], [64, 128, 0]], dtype=np.uint8)
 TIMES_OF_DAY = ("day", "dusk", "night")
 
 # Depth in meters: a camera 1.6 m above a flat ground sees the row v (image height = focal length)
@@ -63,7 +50,7 @@ class Tree:
     pine: bool  # a pine (three stacked triangles) or a leafy tree (a crown of round blobs)
     trunk: float  # trunk height and crown radius (at scale 1)
     crown: float
-    blobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))  # (dx, dy, radius) per blob
+    blobs: np.ndarray  # (dx, dy, radius) per blob of a leafy crown
 
 @dataclass
 class Layout:
@@ -134,9 +121,8 @@ def sample_layout(seed):
     """The geometry of scene `seed`: everything that decides the label map, nothing about colors."""
     rng = np.random.default_rng([int(seed), 0])
     horizon = rng.uniform(0.35, 0.6)
-    ridges = []
-    for height in sorted(rng.uniform(0.08, horizon - 0.1, size=rng.choice(3, p=[0.3, 0.4, 0.3])))[::-1]:
-        ridges.append(height * (0.25 + 0.75 * _fractal_curve(rng)))  # taller range in the back
+    heights = sorted(rng.uniform(0.08, horizon - 0.1, size=rng.choice(3, p=[0.3, 0.4, 0.3])))[::-1]  # tall at the back
+    ridges = [height * (0.25 + 0.75 * _fractal_curve(rng)) for height in heights]
     sun = None
     if rng.random() < 0.6:
         r = rng.uniform(0.03, 0.065)
@@ -163,15 +149,13 @@ def sample_layout(seed):
     layout = Layout(horizon, ridges, sun, clouds, base, shore, sand_band, lake, road, [])
     for _ in range(rng.choice(4, p=[0.35, 0.35, 0.2, 0.1])):
         width = rng.uniform(0.18, 0.3)
-        spot = _place(rng, layout, width)
-        if spot is not None:
+        if (spot := _place(rng, layout, width)) is not None:
             side = int(rng.choice([-1, 0, 1]))
             layout.objects.append(House(*spot, width, rng.uniform(0.1, 0.16), rng.uniform(0.06, 0.11),
                                         side, width * rng.uniform(0.6, 1.2), rng.uniform(-0.25, 0.25),
                                         int(rng.integers(1, 4))))
     for _ in range(rng.choice(7, p=[0.25, 0.2, 0.15, 0.15, 0.1, 0.08, 0.07])):
-        spot = _place(rng, layout, 0.02)
-        if spot is not None:
+        if (spot := _place(rng, layout, 0.02)) is not None:
             pine = bool(rng.random() < 0.4)
             crown = rng.uniform(0.06, 0.1)
             n = rng.integers(3, 6)
@@ -198,17 +182,13 @@ def _counted(n, noun, adjective=None):
 
 def _caption(painter):
     """Describe what is visible: objects and regions covering at least MIN_NAMED_FRACTION."""
-    cv, layout, size = painter.cv, painter.layout, painter.size
-    area = float(size * size)
+    cv, area = painter.cv, float(painter.size * painter.size)
     named = np.bincount(cv.label.ravel(), minlength=len(TOY_CLASSES)) / area >= MIN_NAMED_FRACTION
     visible = np.bincount(cv.part.ravel(), minlength=cv.parts) / area
-    seen = [(what, detail) for what, detail, parts in painter.objects
-            if visible[parts].sum() >= MIN_NAMED_FRACTION]
+    seen = [(what, detail) for what, detail, parts in painter.objects if visible[parts].sum() >= MIN_NAMED_FRACTION]
     houses = [detail for what, detail in seen if what == "house"]
     trees = [detail for what, detail in seen if what == "tree"]
-    things = []
-    if houses:
-        things.append(_counted(len(houses), "house", houses[0] if len(set(houses)) == 1 else None))
+    things = [_counted(len(houses), "house", houses[0] if len(set(houses)) == 1 else None)] if houses else []
     if trees:
         things.append(_counted(len(trees), "tree", "pine" if all(trees) else None))
     ground = [name for c, name in ((GRASS, "grass"), (SAND, "sand")) if named[c]]
@@ -217,10 +197,8 @@ def _caption(painter):
     else:
         text = "a landscape" + (" of " + _join(ground) if ground else "")
     if named[WATER]:
-        text += " by a lake" if layout.lake is not None else " by the sea"
-    extras = []
-    if named[ROAD]:
-        extras.append("a road")
+        text += " by a lake" if painter.layout.lake is not None else " by the sea"
+    extras = ["a road"] if named[ROAD] else []
     if named[MOUNTAIN]:
         snowy = (painter.snow & (cv.label == MOUNTAIN)).sum() / area >= MIN_NAMED_FRACTION
         extras.append("snowy mountains" if snowy else "mountains")
@@ -246,16 +224,10 @@ def render(layout, size=256, appearance_seed=0):
     from .paint import Painter  # imported here: paint builds on this module's definitions
 
     painter = Painter(layout, int(size), np.random.default_rng([int(appearance_seed), 1]))
-    painter.sky()
-    painter.sun()
-    painter.clouds()
-    painter.mountains()
-    painter.ground()
+    for step in (painter.sky, painter.sun, painter.clouds, painter.mountains, painter.ground):
+        step()
     for o in layout.objects:
-        if isinstance(o, House):
-            painter.house(o)
-        else:
-            painter.tree(o)
+        (painter.house if isinstance(o, House) else painter.tree)(o)
     image, cv = painter.finish(), painter.cv
     sketch = np.zeros((size, size), bool)  # where the part id changes: region and part outlines
     sketch[:, :-1] |= cv.part[:, 1:] != cv.part[:, :-1]
@@ -276,10 +248,9 @@ class ToyTokenizer:
     """Word-level tokenizer of toy captions (id 0: padding). `encode`, as GLIDE's: ids cut or padded to the context
     length and a mask False on padding; the empty caption is classifier-free guidance's null input."""
 
-    VOCAB = ("<pad>", ",", "a", "and", "by", "landscape", "of", "on", "under", "with", "the",
-             "sky", "blue", "dusk", "night", "house", "houses", "tree", "trees", "pine", "grass",
-             "sand", "sea", "lake", "road", "snowy", "mountains", "cloud", "clouds", "sun", "moon",
-             "red", "white", "yellow", "brown", "gray", "two", "three", "four", "five", "six")
+    VOCAB = tuple("<pad> , a and by landscape of on under with the sky blue dusk night house houses tree trees "
+                  "pine grass sand sea lake road snowy mountains cloud clouds sun moon red white yellow brown gray two "
+                  "three four five six".split())
 
     def __init__(self):
         self.ids = {word: i for i, word in enumerate(self.VOCAB)}
