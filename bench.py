@@ -38,14 +38,13 @@ def bench(args, device, dtype):
     gen = torch.Generator(device).manual_seed(args.seed)
     cond = torch.rand(n, 3, cond_size, cond_size, generator=gen, device=device) * 2 - 1
     opts = dict(generator=gen, dtype=dtype, cuda_graph=device.type == "cuda" and not args.no_cuda_graph)
+    sync = torch.get_device_module(device).synchronize  # torch.cuda's, or torch.cpu's (a no-op)
 
     def timed(fn, **kwargs):  # the GPU runs ahead of Python: wait for it before reading the clock
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         t0 = time.perf_counter()
         x = fn(**kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return x, time.perf_counter() - t0
 
     with torch.inference_mode():

@@ -30,8 +30,6 @@ else:
 def kernels_available(tensor):
     """True when the Triton kernels should handle `tensor` (see the module docstring)."""
     mode = os.environ.get("NANOPITI_KERNELS", "")
-    if mode == "0" or not _HAVE_TRITON:
-        return False
-    return tensor.is_cuda or mode == "1"
+    return mode != "0" and _HAVE_TRITON and (tensor.is_cuda or mode == "1")
 
 __all__ = ["attention", "groupnorm_silu", "kernels_available"]

@@ -38,12 +38,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
 def _configs(gpu_configs, interpreter_config):
-    """Few configs on a GPU (sm_90-oriented), one fixed small config under the interpreter."""
     entries = [interpreter_config] if INTERPRET else gpu_configs
     return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=w, num_stages=s) for bm, bn, w, s in entries]
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). The last, small config of each list is the one that
-# fits shared memory for fp32 inputs with D = 128; the autotuner skips configs that do not fit.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), sm_90-oriented. The last, small config of each list is the one
+# that fits shared memory for fp32 inputs with D = 128; the autotuner skips configs that do not fit.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 2)],
                         (32, 32, 4, 1))
 _BWD_KV_CONFIGS = _configs([(32, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 2)], (32, 32, 4, 1))
@@ -52,9 +51,12 @@ _BWD_Q_CONFIGS = _configs([(128, 32, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (64
 # --- Forward ---
 
 @triton.jit
-def _tile_ptrs(X, b, h, offs_rows, offs_d, stride_b, stride_h, stride_row, stride_d):
-    """Pointers to rows `offs_rows` x columns `offs_d` of head h of batch b of a strided (B, H, L, D) tensor."""
-    return X + b * stride_b + h * stride_h + offs_rows[:, None] * stride_row + offs_d[None, :] * stride_d
+def _head_ptrs(X, H, stride_b, stride_h, rows, stride_row, cols, stride_col):
+    """Pointers to rows x cols of a strided (B, H, L, D) tensor, in the head bh = program_id(1) owns."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # int64: batch offsets of large tensors overflow int32
+    h = (bh % H).to(tl.int64)
+    return X + b * stride_b + h * stride_h + rows[:, None] * stride_row + cols[None, :] * stride_col
 
 @triton.jit
 def _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, stride_kn, stride_vn,
@@ -80,24 +82,18 @@ def _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, Lk, qk_scale, str
 @triton.autotune(configs=_FWD_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
-                     stride_qb, stride_qh, stride_qm, stride_qd,
-                     stride_kb, stride_kh, stride_kn, stride_kd,
-                     stride_vb, stride_vh, stride_vn, stride_vd,
-                     H, Lq, Lk,
+                     stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                     stride_vb, stride_vh, stride_vn, stride_vd, H, Lq, Lk,
                      HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # int64: batch offsets of large tensors overflow int32
-    h = (bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
-    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
-    q = tl.load(q_ptrs, mask=(offs_m < Lq)[:, None], other=0.0)
+    q = tl.load(_head_ptrs(Q, H, stride_qb, stride_qh, offs_m, stride_qm, offs_d, stride_qd),
+                mask=(offs_m < Lq)[:, None], other=0.0)
+    k_ptrs = _head_ptrs(K, H, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd)
+    v_ptrs = _head_ptrs(V, H, stride_vb, stride_vh, offs_n, stride_vn, offs_d, stride_vd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -110,20 +106,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, qk_scale,
         acc, l_i, m_i = _attn_fwd_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, Lk, qk_scale,
                                         stride_kn, stride_vn, BLOCK_N, DOT_PRECISION, MASK=True)
 
-    acc = acc / l_i[:, None]
     # O is allocated contiguous (B, H, Lq, D) and LSE as (B*H, Lq).
-    o_ptrs = O + bh.to(tl.int64) * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
-    tl.store(LSE + bh.to(tl.int64) * Lq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Lq)
+    o_ptrs = O + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None])
+    tl.store(LSE + bh * Lq + offs_m, m_i + tl.log2(l_i), mask=offs_m < Lq)
 
 # --- Backward ---
 
 @triton.jit
 def _attn_bwd_preprocess_kernel(O, DO, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = sum_d dO_id * O_id (both contiguous (B, H, Lq, D)); the softmax backward's row term."""
-    pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     mask = (offs_m < Lq)[:, None]
     o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
@@ -133,28 +127,19 @@ def _attn_bwd_preprocess_kernel(O, DO, Delta, Lq, HEAD_DIM: tl.constexpr, BLOCK_
 @triton.autotune(configs=_BWD_KV_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, qk_scale, sm_scale,
-                          stride_qb, stride_qh, stride_qm, stride_qd,
-                          stride_kb, stride_kh, stride_kn, stride_kd,
-                          stride_vb, stride_vh, stride_vn, stride_vd,
-                          H, Lq, Lk,
+                          stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd, H, Lq, Lk,
                           HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A program owns BLOCK_N keys and loops over every query block, accumulating dK and dV."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    bh = bh.to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_n = (offs_n < Lk)[:, None]
-
-    k = tl.load(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd),
-                mask=mask_n, other=0.0)
-    v = tl.load(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd),
-                mask=mask_n, other=0.0)
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd)
+    k = tl.load(_head_ptrs(K, H, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd), mask=mask_n, other=0.0)
+    v = tl.load(_head_ptrs(V, H, stride_vb, stride_vh, offs_n, stride_vn, offs_d, stride_vd), mask=mask_n, other=0.0)
+    q_ptrs = _head_ptrs(Q, H, stride_qb, stride_qh, offs_m, stride_qm, offs_d, stride_qd)
     do_ptrs = DO + bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
@@ -200,31 +185,24 @@ def _attn_bwd_dq_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n, Lk, qk_sc
 @triton.autotune(configs=_BWD_Q_CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, qk_scale, sm_scale,
-                        stride_qb, stride_qh, stride_qm, stride_qd,
-                        stride_kb, stride_kh, stride_kn, stride_kd,
-                        stride_vb, stride_vh, stride_vn, stride_vd,
-                        H, Lq, Lk,
+                        stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn, stride_kd,
+                        stride_vb, stride_vh, stride_vn, stride_vd, H, Lq, Lk,
                         HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """A program owns BLOCK_M queries and loops over every key block, accumulating dQ."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    bh = bh.to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < Lq
-
-    q = tl.load(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qm, stride_qd),
+    q = tl.load(_head_ptrs(Q, H, stride_qb, stride_qh, offs_m, stride_qm, offs_d, stride_qd),
                 mask=mask_m[:, None], other=0.0)
     rows = bh * Lq * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]  # dO, dQ: contiguous
     do = tl.load(DO + rows, mask=mask_m[:, None], other=0.0)
     lse = tl.load(LSE + bh * Lq + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta + bh * Lq + offs_m, mask=mask_m, other=0.0)
-    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd)
-    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd)
+    k_ptrs = _head_ptrs(K, H, stride_kb, stride_kh, offs_n, stride_kn, offs_d, stride_kd)
+    v_ptrs = _head_ptrs(V, H, stride_vb, stride_vh, offs_n, stride_vn, offs_d, stride_vd)
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (Lk // BLOCK_N) * BLOCK_N
@@ -239,36 +217,36 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, qk_scale, sm_scale,
 # --- Python side ---
 
 def _check_inputs(q, k, v):
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention expects 4-d (B, H, L, D) tensors, got {q.shape}, {k.shape}, {v.shape}")
-    B, H, _, D = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
-        raise ValueError(f"attention: q {tuple(q.shape)} and k, v {tuple(k.shape)}, {tuple(v.shape)} must share B, H, D")
-    if D not in (32, 64, 128):
-        raise ValueError(f"attention: head size D={D} is not supported (use 32, 64 or 128)")
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3:] != q.shape[3:]:
+        raise ValueError(f"attention expects q (B, H, Lq, D) and k, v (B, H, Lk, D), "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[3] not in (32, 64, 128):
+        raise ValueError(f"attention: head size D={q.shape[3]} is not supported (use 32, 64 or 128)")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"attention: q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.is_cuda and not INTERPRET:
         raise ValueError("attention: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)")
 
 def _launch_args(q, k, v):
-    """Scalars shared by all kernels: scales, the strides of q, k, v, the sizes, and constexprs."""
-    B, H, Lq, D = q.shape
-    sm_scale = 1.0 / math.sqrt(D)
-    return dict(strides=(*q.stride(), *k.stride(), *v.stride()), sizes=(H, Lq, k.shape[2]),
-                qk_scale=sm_scale * LOG2E, sm_scale=sm_scale,
-                const=dict(HEAD_DIM=D, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
+    """What every kernel takes after its tensors: (qk_scale, sm_scale), the strides and sizes; the constexprs."""
+    sm_scale = 1.0 / math.sqrt(q.shape[3])
+    sizes = (*q.stride(), *k.stride(), *v.stride(), q.shape[1], q.shape[2], k.shape[2])
+    const = dict(HEAD_DIM=q.shape[3], DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return (sm_scale * LOG2E, sm_scale), sizes, const
+
+def _grid(length, block, heads):
+    """One program per `block` (BLOCK_M or BLOCK_N, the autotuner's choice) rows of each of `heads` heads."""
+    return lambda meta: (triton.cdiv(length, meta[block]), heads)
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v):
         _check_inputs(q, k, v)
         B, H, Lq, D = q.shape
-        a = _launch_args(q, k, v)
-        o = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-        lse = torch.empty((B * H, Lq), device=q.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_fwd_kernel[grid](q, k, v, o, lse, a["qk_scale"], *a["strides"], *a["sizes"], **a["const"])
+        scales, sizes, const = _launch_args(q, k, v)
+        o = q.new_empty((B, H, Lq, D))
+        lse = q.new_empty((B * H, Lq), dtype=torch.float32)
+        _attn_fwd_kernel[_grid(Lq, "BLOCK_M", B * H)](q, k, v, o, lse, scales[0], *sizes, **const)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -276,22 +254,16 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         B, H, Lq, D = q.shape
-        Lk = k.shape[2]
-        a = _launch_args(q, k, v)
+        scales, sizes, const = _launch_args(q, k, v)
         do = do.contiguous()
         delta = torch.empty_like(lse)
         pre_block = 32 if INTERPRET else 128
         _attn_bwd_preprocess_kernel[(triton.cdiv(Lq, pre_block), B * H)](o, do, delta, Lq,
                                                                           HEAD_DIM=D, BLOCK_M=pre_block)
-
-        dq = torch.empty((B, H, Lq, D), device=q.device, dtype=q.dtype)
-        dk = torch.empty((B, H, Lk, D), device=k.device, dtype=k.dtype)
-        dv = torch.empty((B, H, Lk, D), device=v.device, dtype=v.dtype)
-        shared = (a["qk_scale"], a["sm_scale"], *a["strides"], *a["sizes"])
-        kv_grid = lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * H)  # noqa: E731
-        _attn_bwd_dkdv_kernel[kv_grid](q, k, v, do, lse, delta, dk, dv, *shared, **a["const"])
-        q_grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _attn_bwd_dq_kernel[q_grid](q, k, v, do, lse, delta, dq, *shared, **a["const"])
+        dq, dk, dv = (t.new_empty(t.shape) for t in (q, k, v))
+        shared = (*scales, *sizes)
+        _attn_bwd_dkdv_kernel[_grid(k.shape[2], "BLOCK_N", B * H)](q, k, v, do, lse, delta, dk, dv, *shared, **const)
+        _attn_bwd_dq_kernel[_grid(Lq, "BLOCK_M", B * H)](q, k, v, do, lse, delta, dq, *shared, **const)
         return dq, dk, dv
 
 def attention(q, k, v):

@@ -3,22 +3,18 @@
     python -m kernels.bench            # fp16 and bf16, every shape
     python -m kernels.bench --quick    # bf16, the two largest shapes of each kernel
 
-For each case it times the forward and the forward+backward of every implementation with
-triton.testing.do_bench (which flushes L2 between runs) and prints milliseconds, the speedup over
-the baseline (the case's first row), and the achieved GB/s (GroupNorm: the bytes a perfect kernel
-must move, x and y forward plus x, dy and dx backward) or TFLOP/s (attention: 4 B H Lq Lk D forward,
-2.5 times that backward) with the fraction of the GPU's peak. It ends with the targets we set ourselves (print_targets).
-
-Implementations. GroupNorm: `eager` = F.group_norm -> FiLM -> F.silu in the input dtype;
-`eager fp32` = GLIDE's GroupNorm32 (normalise in fp32, cast back) -> FiLM -> SiLU; `compile` =
-torch.compile of `eager`; `triton`; `cuda` = kernels/groupnorm_silu.cu (forward only, full mode).
-Attention: `sdpa` = F.scaled_dot_product_attention; `glide einsum` = GLIDE's QKVAttention (q and k
-scaled by D^-1/4, einsum, fp32 softmax, einsum) on its (B*H, D, L) layout; `compile` =
-torch.compile of it; `triton`. torch.compile only runs on each kernel's largest case: compiling
-every shape and dtype would take minutes.
+Times each implementation's forward and forward+backward with triton.testing.do_bench (L2 flushed
+between runs) and prints ms, the speedup over the case's first row, the achieved GB/s (GroupNorm: the
+bytes a perfect kernel must move, x and y forward plus x, dy and dx backward) or TFLOP/s (attention:
+4 B H Lq Lk D forward, 2.5 times that backward) with the fraction of the GPU's peak; then the targets we
+set ourselves. GroupNorm: `eager` (in the input dtype), `eager fp32` (GLIDE's GroupNorm32), `compile`
+(of `eager`), `triton`, `cuda` (kernels/groupnorm_silu.cu; forward only, full mode). Attention: `sdpa`,
+`glide einsum` (GLIDE's QKVAttention on its (B*H, D, L) layout), `compile` (of it), `triton`.
+torch.compile runs only on each kernel's largest case: compiling every shape and dtype would take minutes.
 """
 
 import argparse
+import collections
 import functools
 import math
 
@@ -45,6 +41,8 @@ ATTENTION_CASES = [
     ("attn 8x8", (16, 12, 64, 320, 64)),
 ]
 
+Row = collections.namedtuple("Row", "case dtype pass_ impl ms rate unit")
+
 def groupnorm_eager(x, weight, bias, scale, shift, fp32=False):
     if fp32:  # GLIDE's GroupNorm32
         h = F.group_norm(x.float(), 32, weight, bias).to(x.dtype)
@@ -62,30 +60,22 @@ def attention_glide(q, k, v):
     return torch.einsum("bts,bcs->bct", weight, v)
 
 def _time(fn, inputs, backward):
-    """Milliseconds per call of fn(*inputs), or of its forward and backward."""
+    """Milliseconds per call of fn(), or of its forward and its backward with respect to inputs."""
     from triton.testing import do_bench
     if not backward:
         with torch.no_grad():
-            return do_bench(lambda: fn(*inputs))
-    grad_out = torch.randn_like(fn(*inputs))
-    return do_bench(lambda: torch.autograd.grad(fn(*inputs), inputs, grad_out))
-
-def _peaks():
-    """(bytes/s, flop/s) of this GPU, or (0, 0) for one not in PEAKS (printed as n/a)."""
-    name = torch.cuda.get_device_name()
-    return next(((bw, fl) for key, bw, fl in PEAKS if key in name), (0, 0))
+            return do_bench(fn)
+    grad_out = torch.randn_like(fn())
+    return do_bench(lambda: torch.autograd.grad(fn(), inputs, grad_out))
 
 def bench_groupnorm(name, shape, film, dtype, impls):
     import kernels
     B, C, S = shape
     x = torch.randn(B, C, S, S, device="cuda", dtype=dtype).requires_grad_()
-    weight = torch.randn(C, device="cuda").requires_grad_()
-    bias = torch.randn(C, device="cuda").requires_grad_()
-    scale, shift = (torch.randn(B, C, 1, 1, device="cuda", dtype=dtype).requires_grad_() for _ in range(2))
-    if not film:
-        scale = shift = None
+    weight, bias = (torch.randn(C, device="cuda").requires_grad_() for _ in range(2))
+    scale, shift = (torch.randn(B, C, 1, 1, device="cuda", dtype=dtype).requires_grad_() if film else None
+                    for _ in range(2))
     inputs = [t for t in (x, weight, bias, scale, shift) if t is not None]
-    unpack = lambda ins: (ins[0], ins[1], ins[2], *(ins[3:] if film else (None, None)))  # noqa: E731
     fns = {"eager": groupnorm_eager, "eager fp32": functools.partial(groupnorm_eager, fp32=True),
            "compile": torch.compile(groupnorm_eager, dynamic=False),
            "triton": lambda x, w, b, s, t: kernels.groupnorm_silu(x, w, b, 32, scale=s, shift=t)}
@@ -96,61 +86,63 @@ def bench_groupnorm(name, shape, film, dtype, impls):
     for backward in (False, True):
         minimum_bytes = x.numel() * x.element_size() * (5 if backward else 2)
         for impl in [i for i in fns if i in impls and not (backward and i == "cuda")]:
-            ms = _time(lambda *ins: fns[impl](*unpack(ins)), inputs, backward)
-            rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
-                             rate=minimum_bytes / ms / 1e6, unit="GB/s"))
+            ms = _time(functools.partial(fns[impl], x, weight, bias, scale, shift), inputs, backward)
+            rows.append(Row(name, dtype, "fwd+bwd" if backward else "fwd", impl, ms, minimum_bytes / ms / 1e6, "GB/s"))
     return rows
 
 def bench_attention(name, shape, dtype, impls):
     import kernels
     B, H, Lq, Lk, D = shape
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype) for L in (Lq, Lk, Lk))
-    glide_layout = [t.reshape(B * H, -1, D).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
-    ours = [t.requires_grad_() for t in (q, k, v)]
-    cases = {"sdpa": (F.scaled_dot_product_attention, ours), "glide einsum": (attention_glide, glide_layout),
-             "compile": (torch.compile(attention_glide, dynamic=False), glide_layout),
-             "triton": (kernels.attention, ours)}
+    ours = [torch.randn(B, H, L, D, device="cuda", dtype=dtype) for L in (Lq, Lk, Lk)]
+    glide = [t.reshape(B * H, -1, D).transpose(1, 2).contiguous().requires_grad_() for t in ours]
+    ours = [t.requires_grad_() for t in ours]
+    cases = {"sdpa": (F.scaled_dot_product_attention, ours), "glide einsum": (attention_glide, glide),
+             "compile": (torch.compile(attention_glide, dynamic=False), glide), "triton": (kernels.attention, ours)}
     rows = []
     for backward in (False, True):
         flops = 4 * B * H * Lq * Lk * D * (3.5 if backward else 1.0)
         for impl in [i for i in cases if i in impls]:
             fn, inputs = cases[impl]
-            ms = _time(fn, inputs, backward)
-            rows.append(dict(case=name, dtype=dtype, pass_="fwd+bwd" if backward else "fwd", impl=impl, ms=ms,
-                             rate=flops / ms / 1e9, unit="TFLOP/s"))
+            ms = _time(functools.partial(fn, *inputs), inputs, backward)
+            rows.append(Row(name, dtype, "fwd+bwd" if backward else "fwd", impl, ms, flops / ms / 1e9, "TFLOP/s"))
     return rows
+
+def _peaks():
+    """(bytes/s, flop/s) of this GPU, or (0, 0) for one not in PEAKS (printed as n/a)."""
+    name = torch.cuda.get_device_name()
+    return next(((bw, fl) for key, bw, fl in PEAKS if key in name), (0, 0))
 
 def print_rows(rows, baseline):
     """Print rows as they are measured (a run cut short still shows its table so far); returns them."""
     bw_peak, flop_peak = _peaks()
     for r in rows:
-        key = (r["case"], r["dtype"], r["pass_"])
-        baseline.setdefault(key, r["ms"])
-        peak = bw_peak / 1e9 if r["unit"] == "GB/s" else flop_peak / 1e12
-        frac = f"{100 * r['rate'] / peak:6.1f}%" if peak else "    n/a"
-        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[r["dtype"]]
-        print(f"{r['case']:<20} {dtype:<6} {r['pass_']:<8} {r['impl']:<13} {r['ms']:8.3f} "
-              f"{baseline[key] / r['ms']:7.2f}x {r['rate']:8.1f} {r['unit']:<7} {frac}", flush=True)
+        base_ms = baseline.setdefault((r.case, r.dtype, r.pass_), r.ms)
+        peak = bw_peak / 1e9 if r.unit == "GB/s" else flop_peak / 1e12
+        frac = f"{100 * r.rate / peak:6.1f}%" if peak else "    n/a"
+        dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[r.dtype]
+        print(f"{r.case:<20} {dtype:<6} {r.pass_:<8} {r.impl:<13} {r.ms:8.3f} "
+              f"{base_ms / r.ms:7.2f}x {r.rate:8.1f} {r.unit:<7} {frac}", flush=True)
     return rows
 
 def print_targets(rows):
     """Our bf16 targets (not the issue's), checked on the largest GroupNorm and attention cases."""
-    ms = {(r["case"], r["pass_"], r["impl"]): r["ms"] for r in rows if r["dtype"] == torch.bfloat16}
-    rate = {(r["case"], r["pass_"], r["impl"]): r["rate"] for r in rows if r["dtype"] == torch.bfloat16}
-    speedup = lambda case, p, base: ms[case, p, base] / ms[case, p, "triton"]  # noqa: E731
+    bf16 = {(r.case, r.pass_, r.impl): r for r in rows if r.dtype == torch.bfloat16}
+
+    speedup = lambda case, p, base: bf16[case, p, base].ms / bf16[case, p, "triton"].ms  # noqa: E731
     bw_peak, _ = _peaks()
     checks = []
     for case, _, _ in GROUPNORM_CASES[:2]:
-        if (case, "fwd", "triton") in ms:
+        if (case, "fwd", "triton") in bf16:
             for p in ("fwd", "fwd+bwd"):
                 checks.append((f"{case}: triton >= 1.5x eager ({p})", speedup(case, p, "eager"), 1.5))
             if bw_peak:
-                checks.append((f"{case}: triton >= 80% of bandwidth (fwd)", rate[case, "fwd", "triton"] * 1e9 / bw_peak, 0.8))
+                bandwidth = bf16[case, "fwd", "triton"].rate * 1e9 / bw_peak
+                checks.append((f"{case}: triton >= 80% of bandwidth (fwd)", bandwidth, 0.8))
     case = ATTENTION_CASES[0][0]
-    if (case, "fwd", "triton") in ms:
-        checks.append((f"{case}: fwd >= sdpa", speedup(case, "fwd", "sdpa"), 1.0))
-        checks.append((f"{case}: fwd >= 3x glide einsum", speedup(case, "fwd", "glide einsum"), 3.0))
-        checks.append((f"{case}: fwd+bwd >= 0.8x sdpa", speedup(case, "fwd+bwd", "sdpa"), 0.8))
+    if (case, "fwd", "triton") in bf16:
+        checks += [(f"{case}: fwd >= sdpa", speedup(case, "fwd", "sdpa"), 1.0),
+                   (f"{case}: fwd >= 3x glide einsum", speedup(case, "fwd", "glide einsum"), 3.0),
+                   (f"{case}: fwd+bwd >= 0.8x sdpa", speedup(case, "fwd+bwd", "sdpa"), 0.8)]
     print("\ntargets (bf16):")
     for text, value, target in checks:
         print(f"  {'PASS' if value >= target else 'FAIL'}  {text}: {value:.2f} (target {target})")
@@ -163,7 +155,6 @@ def main():
         print("kernels/bench.py: no CUDA GPU here, nothing to benchmark")
         return
     torch._dynamo.config.cache_size_limit = 64  # one compiled graph per case, dtype and grad mode
-
     dtypes = [torch.bfloat16] if args.quick else [torch.float16, torch.bfloat16]
     gn_cases = GROUPNORM_CASES[:2] if args.quick else GROUPNORM_CASES
     attn_cases = ATTENTION_CASES[:2] if args.quick else ATTENTION_CASES

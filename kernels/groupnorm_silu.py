@@ -40,20 +40,20 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 def _plan(N):
-    """Elements per program step (BLOCK), steps per reduction chunk (ITERS), chunks per row (SN)."""
+    """Elements per program step (BLOCK), steps per reduction chunk (ITERS), chunks per row (SN), programs
+    per row (NB), warps."""
     # Under the interpreter small blocks keep numpy fast and make the tests cover several chunks.
     block = min(triton.next_power_of_2(N), 128 if INTERPRET else 2048)
     iters = min(2 if INTERPRET else 4, triton.cdiv(N, block))
     num_warps = min(8, max(1, block // 256))  # 8 elements (16 bytes of bf16) per thread at 2048
-    return block, iters, triton.cdiv(N, block * iters), num_warps
+    return block, iters, triton.cdiv(N, block * iters), triton.cdiv(N, block), num_warps
 
 @triton.jit
 def _row_coefficients(W, Bias, Scale, Shift, b, c, stride_scale, stride_shift,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """f = xhat * af + bf for row (b, c): af = w (1 + s), bf = bias (1 + s) + shift."""
-    w = tl.load(W + c).to(tl.float32)
+    af = tl.load(W + c).to(tl.float32)
     bf = tl.load(Bias + c).to(tl.float32)
-    af = w
     if HAS_SCALE:
         one_plus_s = 1.0 + tl.load(Scale + b * stride_scale + c).to(tl.float32)
         af = af * one_plus_s
@@ -63,29 +63,21 @@ def _row_coefficients(W, Bias, Scale, Shift, b, c, stride_scale, stride_shift,
     return af, bf
 
 @triton.jit
-def _silu_and_grad(f, SILU: tl.constexpr):
-    """(silu(f), d silu / d f) or (f, 1); silu' = sig (1 + f (1 - sig))."""
-    if SILU:
-        sig = 1.0 / (1.0 + tl.exp(-f))
-        y = f * sig
-        dy_df = sig * (1.0 + f * (1.0 - sig))
-    else:
-        y = f
-        dy_df = 1.0
-    return y, dy_df
+def _load_row(X, row, offs, N):
+    """Elements offs of row `row` of a contiguous (rows, N) tensor, in fp32 (zeros past N)."""
+    return tl.load(X + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
 
 @triton.jit
 def _gn_stats_kernel(X, PMean, PM2, N, SN, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     pid = tl.program_id(0)
-    row = (pid // SN).to(tl.int64)
+    row = pid // SN
     start = (pid % SN) * BLOCK * ITERS
-    x0 = tl.load(X + row * N + start).to(tl.float32)
+    x0 = tl.load(X + row.to(tl.int64) * N + start).to(tl.float32)
     s1 = tl.zeros([BLOCK], dtype=tl.float32)
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(X + row * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-        d = tl.where(offs < N, x - x0, 0.0)
+        d = tl.where(offs < N, _load_row(X, row, offs, N) - x0, 0.0)
         s1 += d
         s2 += d * d
     n = tl.minimum(N - start, BLOCK * ITERS).to(tl.float32)
@@ -103,17 +95,18 @@ def _group_partials(P, b, g, C, Cg, SN, CG_BLOCK: tl.constexpr, SN_BLOCK: tl.con
     return tl.load(P + rows[:, None] * SN + k[None, :], mask=mask, other=0.0), mask
 
 @triton.jit
-def _gn_apply_kernel(X, Y, PMean, PM2, W, Bias, Scale, Shift, Mean, Rstd,
-                     C, G, Cg, N, SN, NB, eps, stride_scale, stride_shift,
+def _program_row(C, Cg, NB):
+    """(row, block of the row, b, c, g) of this program; programs walk the tensor back to front for L2 reuse."""
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    row = pid // NB
+    return row, pid % NB, row // C, row % C, (row % C) // Cg
+
+@triton.jit
+def _gn_apply_kernel(X, Y, PMean, PM2, Mean, Rstd, W, Bias, Scale, Shift, stride_scale, stride_shift,
+                     C, G, Cg, N, SN, NB, eps,
                      BLOCK: tl.constexpr, ITERS: tl.constexpr, CG_BLOCK: tl.constexpr, SN_BLOCK: tl.constexpr,
                      HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # back to front, see the module docstring
-    row = pid // NB
-    blk = pid % NB
-    b = row // C
-    c = row % C
-    g = c // Cg
-
+    row, blk, b, c, g = _program_row(C, Cg, NB)
     # Chan et al.: merging partials (n_k, mean_k, M2_k) gives mean = sum n_k mean_k / n and
     # M2 = sum M2_k + n_k (mean_k - mean)^2. Every chunk holds BLOCK*ITERS elements but a row's last.
     pmean, mask = _group_partials(PMean, b, g, C, Cg, SN, CG_BLOCK, SN_BLOCK)
@@ -134,13 +127,25 @@ def _gn_apply_kernel(X, Y, PMean, PM2, W, Bias, Scale, Shift, Mean, Rstd,
     # offset too (x * a + d) would save a subtraction but cancel badly when |mean| >> std.
     a = rstd * af
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-    y, _ = _silu_and_grad((x - mean) * a + bf, SILU)
+    y = (_load_row(X, row, offs, N) - mean) * a + bf
+    if SILU:
+        y = y * (1.0 / (1.0 + tl.exp(-y)))
     tl.store(Y + row.to(tl.int64) * N + offs, y.to(Y.dtype.element_ty), mask=offs < N)
 
 @triton.jit
-def _gn_bwd_reduce_kernel(X, DY, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
-                          C, G, Cg, N, SN, stride_scale, stride_shift,
+def _xhat_and_dsilu(X, row, offs, N, mean, rstd, af, bf, SILU: tl.constexpr):
+    """xhat and d silu / d f = sig (1 + f (1 - sig)) at f = xhat * af + bf (1 without the SiLU)."""
+    xhat = (_load_row(X, row, offs, N) - mean) * rstd
+    dsilu = 1.0
+    if SILU:
+        f = xhat * af + bf
+        sig = 1.0 / (1.0 + tl.exp(-f))
+        dsilu = sig * (1.0 + f * (1.0 - sig))
+    return xhat, dsilu
+
+@triton.jit
+def _gn_bwd_reduce_kernel(X, DY, Mean, Rstd, W, Bias, Scale, Shift, stride_scale, stride_shift, P1, P2,
+                          C, G, Cg, N, SN,
                           BLOCK: tl.constexpr, ITERS: tl.constexpr,
                           HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
     pid = tl.program_id(0)
@@ -155,30 +160,21 @@ def _gn_bwd_reduce_kernel(X, DY, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
     s2 = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(X + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-        xhat = (x - mean) * rstd
-        _, dsilu = _silu_and_grad(xhat * af + bf, SILU)
-        df = dy * dsilu  # zero past N, since dy loads as 0 there
+        xhat, dsilu = _xhat_and_dsilu(X, row, offs, N, mean, rstd, af, bf, SILU)
+        df = _load_row(DY, row, offs, N) * dsilu  # zero past N, since dy loads as 0 there
         s1 += df
         s2 += df * xhat
     tl.store(P1 + pid, tl.sum(s1, axis=0))
     tl.store(P2 + pid, tl.sum(s2, axis=0))
 
 @triton.jit
-def _gn_bwd_dx_kernel(X, DY, DX, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
-                      C, G, Cg, N, SN, NB, stride_scale, stride_shift,
+def _gn_bwd_dx_kernel(X, DY, DX, Mean, Rstd, W, Bias, Scale, Shift, stride_scale, stride_shift, P1, P2,
+                      C, G, Cg, N, SN, NB,
                       CG_BLOCK: tl.constexpr, SN_BLOCK: tl.constexpr, BLOCK: tl.constexpr,
                       HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)  # back to front for L2 reuse, as in forward
-    row = pid // NB
-    blk = pid % NB
-    b = row // C
-    c = row % C
-    g = c // Cg
+    row, blk, b, c, g = _program_row(C, Cg, NB)
     mean = tl.load(Mean + b * G + g)
     rstd = tl.load(Rstd + b * G + g)
-
     # Group means of dxhat = a' df and of dxhat * xhat, from the per-row sums S1, S2.
     p1, _ = _group_partials(P1, b, g, C, Cg, SN, CG_BLOCK, SN_BLOCK)
     p2, _ = _group_partials(P2, b, g, C, Cg, SN, CG_BLOCK, SN_BLOCK)
@@ -192,11 +188,8 @@ def _gn_bwd_dx_kernel(X, DY, DX, Mean, Rstd, W, Bias, Scale, Shift, P1, P2,
 
     af, bf = _row_coefficients(W, Bias, Scale, Shift, b, c, stride_scale, stride_shift, HAS_SCALE, HAS_SHIFT)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
-    x = tl.load(X + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row.to(tl.int64) * N + offs, mask=offs < N, other=0.0).to(tl.float32)
-    xhat = (x - mean) * rstd
-    _, dsilu = _silu_and_grad(xhat * af + bf, SILU)
-    dx = rstd * (af * dy * dsilu - c1 - xhat * c2)  # af is this row's a' = w (1 + s)
+    xhat, dsilu = _xhat_and_dsilu(X, row, offs, N, mean, rstd, af, bf, SILU)
+    dx = rstd * (af * _load_row(DY, row, offs, N) * dsilu - c1 - xhat * c2)  # af is this row's a' = w (1 + s)
     tl.store(DX + row.to(tl.int64) * N + offs, dx.to(DX.dtype.element_ty), mask=offs < N)
 
 def _film_rows(t, B, C, name):
@@ -219,62 +212,51 @@ class _GroupNormSiLU(torch.autograd.Function):
         if not x.is_cuda and not INTERPRET:
             raise ValueError("groupnorm_silu: Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before import)")
         x3 = x.reshape(B, C, -1).contiguous()
-        N = x3.shape[2]
-        G, Cg = num_groups, C // num_groups
+        N, G, Cg = x3.shape[2], num_groups, C // num_groups
         s2, t2 = _film_rows(scale, B, C, "scale"), _film_rows(shift, B, C, "shift")
-        block, iters, sn, num_warps = _plan(N)
-        nb = triton.cdiv(N, block)
-        part_mean = torch.empty(B * C * sn, device=x.device, dtype=torch.float32)
-        part_m2 = torch.empty_like(part_mean)
-        mean = torch.empty(B * G, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
+        block, iters, sn, nb, num_warps = _plan(N)
+        part_mean, part_m2 = (x.new_empty(B * C * sn, dtype=torch.float32) for _ in range(2))
+        mean, rstd = (x.new_empty(B * G, dtype=torch.float32) for _ in range(2))
         y = torch.empty_like(x3)
-        film = dict(Scale=x3 if s2 is None else s2, Shift=x3 if t2 is None else t2,  # dummies when absent
-                    stride_scale=0 if s2 is None else s2.stride(0), stride_shift=0 if t2 is None else t2.stride(0))
-
+        film = (x3 if s2 is None else s2, x3 if t2 is None else t2,  # x3, 0: dummies for an absent one (never read)
+                0 if s2 is None else s2.stride(0), 0 if t2 is None else t2.stride(0))
         _gn_stats_kernel[(B * C * sn,)](x3, part_mean, part_m2, N, sn, BLOCK=block, ITERS=iters, num_warps=num_warps)
         _gn_apply_kernel[(B * C * nb,)](
-            x3, y, part_mean, part_m2, weight, bias, film["Scale"], film["Shift"], mean, rstd,
-            C, G, Cg, N, sn, nb, eps, film["stride_scale"], film["stride_shift"],
+            x3, y, part_mean, part_m2, mean, rstd, weight, bias, *film, C, G, Cg, N, sn, nb, eps,
             BLOCK=block, ITERS=iters, CG_BLOCK=triton.next_power_of_2(Cg), SN_BLOCK=triton.next_power_of_2(sn),
             HAS_SCALE=s2 is not None, HAS_SHIFT=t2 is not None, SILU=silu, num_warps=num_warps)
-
         ctx.save_for_backward(x3, weight, bias, s2, t2, mean, rstd)
-        ctx.meta = (x.shape, None if scale is None else scale.shape, None if shift is None else shift.shape, G, silu)
+        ctx.meta = (None if scale is None else scale.shape, None if shift is None else shift.shape, G, silu)
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x3, weight, bias, s2, t2, mean, rstd = ctx.saved_tensors
-        x_shape, scale_shape, shift_shape, G, silu = ctx.meta
+        scale_shape, shift_shape, G, silu = ctx.meta
         B, C, N = x3.shape
         Cg = C // G
         dy3 = dy.reshape(B, C, N).contiguous()
-        block, iters, sn, num_warps = _plan(N)
-        nb = triton.cdiv(N, block)
-        p1 = torch.empty(B * C * sn, device=x3.device, dtype=torch.float32)
-        p2 = torch.empty_like(p1)
+        block, iters, sn, nb, num_warps = _plan(N)
+        p1, p2 = (x3.new_empty(B * C * sn, dtype=torch.float32) for _ in range(2))
         dx = torch.empty_like(x3)
-        film = (x3 if s2 is None else s2, x3 if t2 is None else t2)
-        film_strides = (0 if s2 is None else s2.stride(0), 0 if t2 is None else t2.stride(0))
+        film = (x3 if s2 is None else s2, x3 if t2 is None else t2,
+                0 if s2 is None else s2.stride(0), 0 if t2 is None else t2.stride(0))
         flags = dict(HAS_SCALE=s2 is not None, HAS_SHIFT=t2 is not None, SILU=silu, num_warps=num_warps)
-
         _gn_bwd_reduce_kernel[(B * C * sn,)](x3, dy3, mean, rstd, weight, bias, *film, p1, p2,
-                                             C, G, Cg, N, sn, *film_strides, BLOCK=block, ITERS=iters, **flags)
-        _gn_bwd_dx_kernel[(B * C * nb,)](x3, dy3, dx, mean, rstd, weight, bias, *film, p1, p2,
-                                         C, G, Cg, N, sn, nb, *film_strides, CG_BLOCK=triton.next_power_of_2(Cg),
-                                         SN_BLOCK=triton.next_power_of_2(sn), BLOCK=block, **flags)
+                                             C, G, Cg, N, sn, BLOCK=block, ITERS=iters, **flags)
+        _gn_bwd_dx_kernel[(B * C * nb,)](x3, dy3, dx, mean, rstd, weight, bias, *film, p1, p2, C, G, Cg, N, sn, nb,
+                                         CG_BLOCK=triton.next_power_of_2(Cg), SN_BLOCK=triton.next_power_of_2(sn),
+                                         BLOCK=block, **flags)
 
         # Parameter gradients from the per-row sums (small (B, C) tensors).
         need_w, need_b, need_s, need_t = ctx.needs_input_grad[1:5]
-        s1_rows = p1.view(B, C, sn).sum(-1)
-        s2_rows = p2.view(B, C, sn).sum(-1)
+        s1_rows, s2_rows = (p.view(B, C, sn).sum(-1) for p in (p1, p2))
         film_factor = 1.0 if s2 is None else 1.0 + s2.float()
         dweight = (film_factor * s2_rows).sum(0).to(weight.dtype) if need_w else None
         dbias = (film_factor * s1_rows).sum(0).to(bias.dtype) if need_b else None
         dscale = (weight.float() * s2_rows + bias.float() * s1_rows).to(s2.dtype).view(scale_shape) if need_s else None
         dshift = s1_rows.to(t2.dtype).view(shift_shape) if need_t else None
-        return dx.view(x_shape), dweight, dbias, dscale, dshift, None, None, None
+        return dx.view(dy.shape), dweight, dbias, dscale, dshift, None, None, None
 
 def groupnorm_silu(x, weight, bias, num_groups, eps=1e-5, scale=None, shift=None, silu=True):
     """SiLU(GroupNorm(x) * (1 + scale) + shift) in one fused Triton pass; differentiable.

@@ -1,14 +1,13 @@
-"""The two hot-path operations of the networks, each with a readable PyTorch reference and a
-dispatch to the fused Triton kernel of `kernels/` (issue 3).
+"""The networks' two hot paths, each a readable PyTorch reference that dispatches to the fused Triton
+kernel of `kernels/` (issue 3):
 
 * `attention(q, k, v)`: softmax(q k^T / sqrt(d)) v, used by the UNet's attention blocks (image
   tokens attending to condition tokens + image tokens) and by the encoders' transformers.
 * `group_norm_act(x, norm, scale, shift, silu)`: GroupNorm computed in fp32 as GLIDE does, the
   optional FiLM `h * (1 + scale) + shift` of the scale-shift ResBlocks, the optional SiLU.
 
-Which path runs: the kernels when the tensor is on CUDA and Triton imports, the PyTorch code
-otherwise. `NANOPITI_KERNELS=0` forces PyTorch everywhere; `NANOPITI_KERNELS=1` forces the kernels
-even on the CPU (only useful with `TRITON_INTERPRET=1`, which is how the tests check the wiring).
+The kernels run when the tensor is on CUDA and Triton imports. `NANOPITI_KERNELS=0` forces PyTorch;
+`NANOPITI_KERNELS=1` the kernels even on the CPU (with `TRITON_INTERPRET=1`: how the tests check the wiring).
 """
 
 import math
