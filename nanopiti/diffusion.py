@@ -23,8 +23,6 @@ from tqdm.auto import tqdm
 class DiffusionError(ValueError):
     """A diffusion schedule, respacing or model output that cannot be used."""
 
-# --- beta schedules and respacing ---
-
 def get_named_beta_schedule(name, num_steps):
     """Betas (float64 numpy array) of a named schedule: "linear", DDPM's (the upsamplers'), scaled to span 1000
     steps' noise levels; "squaredcos_cap_v2", improved DDPM's cosine (base models), each beta capped at 0.999."""
@@ -34,21 +32,18 @@ def get_named_beta_schedule(name, num_steps):
     if name == "squaredcos_cap_v2":
         def alpha_bar(s):
             return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-        betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
-                 for i in range(num_steps)]
-        return np.array(betas, dtype=np.float64)
+        return np.array([min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), 0.999)
+                         for i in range(num_steps)], dtype=np.float64)
     raise DiffusionError(f"unknown beta schedule {name!r}: use 'linear' or 'squaredcos_cap_v2'")
 
 def model_diffusion(noise_schedule, respacing=""):
-    """The process every GLIDE and PITI model was trained with: `noise_schedule` over 1000 steps,
-    respaced to `respacing` for sampling (training uses all 1000)."""
+    """The process every GLIDE and PITI model was trained with (1000 steps), respaced to `respacing` for sampling."""
     return GaussianDiffusion(get_named_beta_schedule(noise_schedule, 1000), respacing)
 
 def space_timesteps(num_timesteps, spec):
-    """Sorted original timesteps kept by a respacing spec: "" all; "a,b,c" [0, T) cut into as many equal parts
-    as numbers, a, b, c evenly spaced steps from each ("250": 250 steps); "ddimN" the integer stride giving N
-    steps (DDIM); "fast27" GLIDE's upsampler schedule, "10,10,3,2,2" with the noisiest step T-1 swapped for
-    T-3 (fewer artifacts)."""
+    """Sorted original timesteps kept by a respacing spec: "" all; "a,b,c" [0, T) cut into as many equal parts as
+    numbers, a, b, c evenly spaced steps from each ("250": 250 steps); "ddimN" the integer stride giving N steps
+    (DDIM); "fast27" GLIDE's upsampler schedule, "10,10,3,2,2" with step T-1 swapped for T-3 (fewer artifacts)."""
     spec = spec.strip()
     if spec == "":
         return list(range(num_timesteps))
@@ -59,10 +54,7 @@ def space_timesteps(num_timesteps, spec):
                 return list(range(0, num_timesteps, stride))
         raise DiffusionError(f"respacing {spec!r}: no integer stride gives {count} of {num_timesteps} steps")
     if spec == "fast27":
-        steps = set(space_timesteps(num_timesteps, "10,10,3,2,2"))
-        steps.remove(num_timesteps - 1)
-        steps.add(num_timesteps - 3)
-        return sorted(steps)
+        return sorted(set(space_timesteps(num_timesteps, "10,10,3,2,2")) - {num_timesteps - 1} | {num_timesteps - 3})
     sections = [_parse_int(part, spec) for part in spec.split(",")]
     size_per, extra = divmod(num_timesteps, len(sections))
     steps, start = [], 0
@@ -83,20 +75,12 @@ def _parse_int(text, spec):
     try:
         return int(text)
     except ValueError:
-        raise DiffusionError(
-            f"bad respacing {spec!r}: use '' (all steps), counts like '250' or '10,10,3,2,2', 'ddimN' or 'fast27'"
-        ) from None
-
-# --- likelihood helpers for the variational bound (in nats; the loss converts to bits) ---
-
-def mean_flat(x):
-    """Mean over every dimension except the batch one."""
-    return x.mean(dim=tuple(range(1, x.ndim)))
+        raise DiffusionError(f"bad respacing {spec!r}: use '' (all steps), counts like '250' or '10,10,3,2,2', "
+                             "'ddimN' or 'fast27'") from None
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
-                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats (the variational bound's terms)."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 def _approx_standard_normal_cdf(x):
     # The tanh approximation of Phi used by the original code (kept for exactness).
@@ -114,8 +98,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
-# --- the diffusion process ---
-
 def _randn(shape, device, generator):
     """Standard normal noise; drawn on the generator's device when one is given."""
     if generator is None:
@@ -123,8 +105,9 @@ def _randn(shape, device, generator):
     return torch.randn(shape, generator=generator, device=generator.device).to(device)
 
 class GaussianDiffusion:
-    """Training and sampling for the ORIGINAL schedule's `betas`, respaced by `respacing` (space_timesteps).
-    The methods' `t` index the respaced schedule; `model_timesteps(t)` is what the network receives."""
+    """Training and sampling for the ORIGINAL schedule's `betas`, respaced by `respacing` (space_timesteps): q_* is
+    the forward process, p_* and ddim_* the reverse one; `t` indexes the respaced schedule, `model_timesteps(t)` is
+    what the network receives."""
 
     def __init__(self, betas, respacing=""):
         base_betas = torch.as_tensor(np.asarray(betas, dtype=np.float64))
@@ -151,11 +134,9 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1.0 / abar - 1.0).sqrt()
         self.log_betas = betas.log()
 
-        # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t).
-        self.posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
-        # beta~_0 = 0, so its log is replaced by log beta~_1 (the "clipped" log).
-        self.posterior_log_variance_clipped = torch.cat([self.posterior_variance[1:2],
-                                                         self.posterior_variance[1:]]).log()
+        # Posterior q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta~_t); beta~_0 = 0: the "clipped" log takes beta~_1.
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+        self.posterior_log_variance_clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log()
         self.posterior_mean_coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_mean_coef2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 
@@ -171,12 +152,9 @@ class GaussianDiffusion:
     def _split_output(self, model_output, x):
         B, C = x.shape[:2]
         if model_output.shape != (B, 2 * C, *x.shape[2:]):
-            raise DiffusionError(
-                f"model output has shape {tuple(model_output.shape)}, expected {(B, 2 * C, *x.shape[2:])} "
-                "(epsilon and learned-range variance values)")
+            raise DiffusionError(f"model output has shape {tuple(model_output.shape)}, expected "
+                                 f"{(B, 2 * C, *x.shape[2:])} (epsilon and learned-range variance values)")
         return model_output.split(C, dim=1)
-
-    # --- forward process ---
 
     def q_sample(self, x_start, t, noise):
         """Sample x_t ~ q(x_t | x_0) (eq. 2): sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, eps = `noise`."""
@@ -184,12 +162,10 @@ class GaussianDiffusion:
                 + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise)
 
     def q_posterior_mean_variance(self, x_start, x_t, t):
-        """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
+        """Mean and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         mean = (self._extract(self.posterior_mean_coef1, t, x_t) * x_start
                 + self._extract(self.posterior_mean_coef2, t, x_t) * x_t)
-        var = self._extract(self.posterior_variance, t, x_t)
-        log_var = self._extract(self.posterior_log_variance_clipped, t, x_t)
-        return mean, var, log_var
+        return mean, self._extract(self.posterior_log_variance_clipped, t, x_t)
 
     def predict_xstart_from_eps(self, x_t, t, eps):
         """Invert eq. 2: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
@@ -200,11 +176,9 @@ class GaussianDiffusion:
         return ((self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart)
                 / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
-    # --- reverse process ---
-
     def p_mean_variance(self, model, x_t, t, clip_denoised=True):
         """p(x_{t-1} | x_t) from `model` (a model_fn(x_t, t_model) or its B x 2C x H x W output): mean, variance,
-        log_variance, pred_xstart (clipped to [-1, 1] when clip_denoised) and eps."""
+        log_variance and pred_xstart (clipped to [-1, 1] when clip_denoised)."""
         model_output = model(x_t, self.model_timesteps(t)) if callable(model) else model
         eps, var_values = self._split_output(model_output, x_t)
         # Learned range: v in [-1, 1] interpolates between the two log variances.
@@ -216,21 +190,20 @@ class GaussianDiffusion:
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
-        mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
+        mean, _ = self.q_posterior_mean_variance(pred_xstart, x_t, t)
         return {"mean": mean, "variance": torch.exp(log_variance), "log_variance": log_variance,
-                "pred_xstart": pred_xstart, "eps": eps}
+                "pred_xstart": pred_xstart}
 
-    def p_sample(self, model_fn, x_t, t, clip_denoised=True, generator=None):
+    def p_sample(self, model_fn, x_t, t, generator=None):
         """One ancestral (DDPM) step: x_{t-1} ~ N(mean, sigma_t^2), no noise at t = 0."""
-        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
-        noise = _randn(x_t.shape, x_t.device, generator)
+        out = self.p_mean_variance(model_fn, x_t, t)
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
-        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+        sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * _randn(x_t.shape, x_t.device, generator)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
-    def ddim_sample(self, model_fn, x_t, t, eta=0.0, clip_denoised=True, generator=None):
+    def ddim_sample(self, model_fn, x_t, t, eta=0.0, generator=None):
         """One DDIM step (Song et al., eq. 12); eta = 0 is deterministic."""
-        out = self.p_mean_variance(model_fn, x_t, t, clip_denoised)
+        out = self.p_mean_variance(model_fn, x_t, t)
         # Re-derive epsilon from the (clipped) x_0 so that both stay consistent.
         eps = self.predict_eps_from_xstart(x_t, t, out["pred_xstart"])
         abar = self._extract(self.alphas_cumprod, t, x_t)
@@ -243,18 +216,18 @@ class GaussianDiffusion:
         return {"sample": mean, "pred_xstart": out["pred_xstart"]}
 
     @torch.no_grad()
-    def p_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, clip_denoised=True,
-                      device=None, generator=None, progress=True, callback=None):
+    def p_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, device=None, generator=None, progress=True,
+                      callback=None):
         """Ancestral sampling from x_T = temperature * noise (fresh N(0, I) by default; the upsamplers: 0.997) to
         x_0. `callback(done, total)` is called after every step (demo.py's progress bar)."""
-        step = functools.partial(self.p_sample, model_fn, clip_denoised=clip_denoised, generator=generator)
+        step = functools.partial(self.p_sample, model_fn, generator=generator)
         return self._loop(step, "ddpm", shape, noise, temperature, device, generator, progress, callback)
 
     @torch.no_grad()
-    def ddim_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, eta=0.0,
-                         clip_denoised=True, device=None, generator=None, progress=True, callback=None):
+    def ddim_sample_loop(self, model_fn, shape, noise=None, temperature=1.0, eta=0.0, device=None, generator=None,
+                         progress=True, callback=None):
         """DDIM sampling from x_T to x_0; with eta = 0 the result is a function of x_T."""
-        step = functools.partial(self.ddim_sample, model_fn, eta=eta, clip_denoised=clip_denoised, generator=generator)
+        step = functools.partial(self.ddim_sample, model_fn, eta=eta, generator=generator)
         return self._loop(step, "ddim", shape, noise, temperature, device, generator, progress, callback)
 
     def _loop(self, step, desc, shape, noise, temperature, device, generator, progress, callback):
@@ -269,8 +242,6 @@ class GaussianDiffusion:
                 callback(self.num_timesteps - i, self.num_timesteps)
         return x
 
-    # --- training ---
-
     def sample_timesteps(self, batch, device, generator=None):
         """Uniform random timesteps in [0, num_timesteps)."""
         gen_device = generator.device if generator is not None else device
@@ -279,11 +250,11 @@ class GaussianDiffusion:
     def _vb_terms_bpd(self, model_output, x_start, x_t, t):
         """The variational bound's term per sample in bits per dimension: KL(q(x_{t-1} | x_t, x_0) ||
         p(x_{t-1} | x_t)) for t > 0, the decoder NLL -log p(x_0 | x_1) for t = 0."""
-        true_mean, _, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
+        true_mean, true_log_var = self.q_posterior_mean_variance(x_start, x_t, t)
         out = self.p_mean_variance(model_output, x_t, t, clip_denoised=False)
-        kl = mean_flat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / math.log(2.0)
+        kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]).mean(dim=(1, 2, 3)) / math.log(2.0)
         nll = -discretized_gaussian_log_likelihood(x_start, means=out["mean"], log_scales=0.5 * out["log_variance"])
-        nll = mean_flat(nll) / math.log(2.0)
+        nll = nll.mean(dim=(1, 2, 3)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
     def training_losses(self, model_fn, x_start, t, noise=None, generator=None):
@@ -293,11 +264,10 @@ class GaussianDiffusion:
         if noise is None:
             noise = _randn(x_start.shape, x_start.device, generator)
         x_t = self.q_sample(x_start, t, noise)
-        model_output = model_fn(x_t, self.model_timesteps(t))
-        eps, var_values = self._split_output(model_output, x_t)
+        eps, var_values = self._split_output(model_fn(x_t, self.model_timesteps(t)), x_t)
 
         frozen = torch.cat([eps.detach(), var_values], dim=1)
         vb = self._vb_terms_bpd(frozen, x_start, x_t, t) * (self.num_timesteps / 1000.0)
-        mse = mean_flat((noise - eps) ** 2)
+        mse = ((noise - eps) ** 2).mean(dim=(1, 2, 3))
         pred_xstart = self.predict_xstart_from_eps(x_t, t, eps).clamp(-1, 1)
         return {"mse": mse, "vb": vb, "loss": mse + vb, "pred_xstart": pred_xstart, "x_t": x_t}

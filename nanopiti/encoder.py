@@ -11,6 +11,8 @@
 Both return (pooled (B, W), tokens (B, W, L)), the encoder's output that `nanopiti.unet.UNet` takes.
 """
 
+from collections import OrderedDict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,25 +37,15 @@ class MultiheadAttention(nn.Module):
         # GLIDE's layout: the qkv features are grouped per head as [q | k | v].
         qkv = self.c_qkv(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, H, N, 3D)
         q, k, v = qkv.split(w // self.heads, dim=-1)
-        h = attention(q, k, v).transpose(1, 2).reshape(b, n, w)
-        return self.c_proj(h)
-
-class MLP(nn.Module):
-    def __init__(self, width):
-        super().__init__()
-        self.c_fc = nn.Linear(width, 4 * width)
-        self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * width, width)
-
-    def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(attention(q, k, v).transpose(1, 2).reshape(b, n, w))
 
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x):
@@ -63,12 +55,10 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
     def forward(self, x):
-        for block in self.resblocks:
-            x = block(x)
-        return x
+        return self.resblocks(x)
 
 class ConditionCNN(nn.Module):
     """7x7 conv then four stride-2 3x3 convs (InstanceNorm + LeakyReLU), then a 3x3 conv: 256 -> 16.
@@ -91,10 +81,10 @@ class ConditionCNN(nn.Module):
 
 class PatchStem(nn.Module):
     """The toy world's stem in place of ConditionCNN: each 16x16 patch as the means of its grid x grid sub-patches
-    (grid 1: the patch's mean), as (mean - shift) * scale, projected by a 1x1 conv. Through a fresh ConditionCNN's
-    random mix the toy models ignored their masks on a CPU budget; with patch averages they use them within a few
-    hundred steps (docs/results.md, "A patch stem for the toy encoder"). The sketch's distance field varies
-    little within a toy scene, so its stem keeps a 4x4 grid and standardizes (docs/results.md, "Sketch and depth")."""
+    (grid 1: the patch's mean), as (mean - shift) * scale, projected by a 1x1 conv. With a fresh ConditionCNN the toy
+    models ignored their masks on a CPU budget, with patch means they use them within a few hundred steps
+    (docs/results.md, "A patch stem for the toy encoder"). The sketch's distance field varies little within a toy
+    scene, so its stem keeps a 4x4 grid and standardizes (docs/results.md, "Sketch and depth")."""
 
     def __init__(self, in_channels, width, grid=1, shift=0.0, scale=1.0):
         super().__init__()
@@ -106,8 +96,7 @@ class PatchStem(nn.Module):
         return self.conv1(F.pixel_unshuffle((means - self.shift) * self.scale, self.grid))  # a token's grid, stacked
 
 class ConditionEncoder(nn.Module):
-    """PITI's task encoder: CNN -> 256 tokens + cls token -> transformer -> final LayerNorm.
-    stem="patch" swaps the CNN for the toy world's `PatchStem` (of `patch_grid` and `patch_norm` = (shift, scale))."""
+    """PITI's task encoder E_i; stem="patch" puts the toy world's `PatchStem` in place of the CNN."""
 
     def __init__(self, in_channels=3, width=512, layers=8, heads=8, cond_size=256, stem="cnn", patch_grid=1,
                  patch_norm=(0.0, 1.0)):
@@ -139,8 +128,7 @@ class ConditionEncoder(nn.Module):
                 nn.init.zeros_(proj.bias)
 
     def forward(self, cond):
-        x = self.cnn(cond).flatten(2).transpose(1, 2)  # (B, 256, W) for a 256x256 input
-        x = x + self.positional_embedding[:, 1:]
+        x = self.cnn(cond).flatten(2).transpose(1, 2) + self.positional_embedding[:, 1:]  # (B, 256, W) for 256x256
         # PITI appends the cls token at the end (with position 0), so it plays the role of
         # GLIDE's last text token, whose output is the pooled latent.
         cls = (self.cls_token + self.positional_embedding[:, :1]).expand(x.shape[0], -1, -1)

@@ -46,16 +46,13 @@ def batch_condition_kwargs(cond_kwargs, null_kwargs):
     namesake in null_kwargs, or with itself when it has none (the upsampler's `low_res`); non-tensors as they are."""
     if unknown := set(null_kwargs) - set(cond_kwargs):
         raise GuidanceError(f"null condition has keys {sorted(unknown)} that the condition lacks")
-    batched = {}
+    batched = dict(cond_kwargs)
     for name, value in cond_kwargs.items():
-        if not torch.is_tensor(value):
-            batched[name] = value
-            continue
-        null = null_kwargs.get(name, value)
-        if not torch.is_tensor(null) or null.shape != value.shape:
-            raise GuidanceError(
-                f"null condition {name!r} must be a tensor of shape {tuple(value.shape)} like the condition")
-        batched[name] = torch.cat([value, null.to(value.device, value.dtype)], dim=0)
+        if torch.is_tensor(value):
+            null = null_kwargs.get(name, value)
+            if not torch.is_tensor(null) or null.shape != value.shape:
+                raise GuidanceError(f"null condition {name!r} must be a tensor of shape {tuple(value.shape)}")
+            batched[name] = torch.cat([value, null.to(value.device, value.dtype)], dim=0)
     return batched
 
 def make_guided_model_fn(model_call, cond_kwargs, null_kwargs, w, guidance="ncf"):
@@ -83,7 +80,7 @@ def condition_use(model, x0, cond_kwargs, null_kwargs, timesteps=(300, 500, 700)
         raise GuidanceError("condition_use needs at least two samples (it swaps their conditions)")
     diffusion = model_diffusion(model.config["noise_schedule"])  # the training schedule of the model
     wrong = {k: v if k == "low_res" else v.roll(1, 0) for k, v in cond_kwargs.items()}
-    null_kwargs = {**cond_kwargs, **null_kwargs}  # names with no null (low_res) are shared, as in batch_condition_kwargs
+    null_kwargs = {**cond_kwargs, **null_kwargs}  # names with no null (low_res) are shared, as when batched
     gen = torch.Generator(device=x0.device).manual_seed(seed)
     out = {}
     for step in timesteps:

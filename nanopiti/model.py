@@ -1,14 +1,12 @@
-"""The two models and the checkpoint loader.
+"""The two models and the checkpoint loader. A model is described by a plain dict, `model.config`, which nanopiti
+checkpoints store.
 
-* `GlideText`: GLIDE's text-conditioned UNet (base 64x64 or the 64->256 upsampler), the
-  pretrained prior of the paper (section 3.2). `model(x_t, t, text=..., text_mask=..., low_res=...)`.
-* `PITI`: `encoder` (the task's ConditionEncoder) + `decoder` (the GLIDE UNet with its
-  `transformer_proj`), the finetuned model (section 3.3). `model(x_t, t, cond=..., low_res=...)`.
-* `load_model(path_or_state_dict)`: recognises a GLIDE or PITI checkpoint (released or nanopiti's)
-  from its keys and shapes, builds the model with the right hyper-parameters, loads the weights
-  strictly and returns it in eval mode.
-
-A model is described by a plain dict, `model.config`, which nanopiti checkpoints store.
+* `GlideText`: GLIDE's text-conditioned UNet (base 64x64 or the 64->256 upsampler), the pretrained prior of the
+  paper (section 3.2). `model(x_t, t, text=..., text_mask=..., low_res=...)`.
+* `PITI`: `encoder` (the task's ConditionEncoder) + `decoder` (the GLIDE UNet with its `transformer_proj`), the
+  finetuned model (section 3.3). `model(x_t, t, cond=..., low_res=...)`.
+* `load_model(path_or_state_dict)`: recognises a GLIDE or PITI checkpoint (released or nanopiti's) from its keys
+  and shapes, builds the model with the right hyper-parameters, loads the weights strictly, in eval mode.
 """
 
 import os
@@ -29,31 +27,24 @@ class GlideText(UNet):
     """GLIDE's Text2ImUNet / SuperResText2ImUNet: the UNet with GLIDE's text encoder beside it."""
 
     def __init__(self, config):
-        unet = {k: config[k] for k in UNET_KEYS if k in config}
-        super().__init__(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
-                         encoder_channels=config["xf_width"], cond_dim=config["xf_width"], **unet)
+        super().__init__(config["xf_width"], config["super_res"], **{k: config[k] for k in UNET_KEYS if k in config})
         add_text_encoder(self, config["text_ctx"], config["xf_width"], config["xf_layers"], config["xf_heads"],
                          config["n_vocab"], config["xf_final_ln"], config["xf_padding"])
         self.config = dict(config)
 
-    def encode(self, text, text_mask):
-        return encode_text(self, text, text_mask)
-
     def forward(self, x, timesteps, text=None, text_mask=None, low_res=None):
-        return super().forward(x, timesteps, *self.encode(text, text_mask), low_res)
+        return super().forward(x, timesteps, *encode_text(self, text, text_mask), low_res)
 
 class PITI(nn.Module):
     """PITI's Text2ImModel / SuperResText2ImModel: task encoder E_i + pretrained decoder D."""
 
     def __init__(self, config):
         super().__init__()
-        unet = {k: config[k] for k in UNET_KEYS if k in config}
         width = config["encoder_width"]
-        self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"], config["encoder_heads"],
-                                        config.get("cond_size", 256), config.get("stem", "cnn"),
-                                        config.get("patch_grid", 1), config.get("patch_norm", (0.0, 1.0)))
-        self.decoder = UNet(in_channels=6 if config["super_res"] else 3, super_res=config["super_res"],
-                            encoder_channels=width, cond_dim=width, **unet)
+        options = {k: config[k] for k in ("cond_size", "stem", "patch_grid", "patch_norm") if k in config}
+        self.encoder = ConditionEncoder(config["cond_channels"], width, config["encoder_layers"],
+                                        config["encoder_heads"], **options)
+        self.decoder = UNet(width, config["super_res"], **{k: config[k] for k in UNET_KEYS if k in config})
         self.config = dict(config)
 
     def encode(self, cond):
@@ -87,8 +78,7 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
         num_res_blocks=1, channel_mult=[1, 2, 2], attention_ds=[4] if super_res else [2, 4], num_head_channels=32,
         # not GLIDE's 32 groups: at 32 channels those are InstanceNorms; the upsampler needs one group to pass its
         # 64x64 input's mean color through (results.md, "The toy's colors")
-        norm_groups=1 if super_res else 8,
-        noise_schedule="linear" if super_res else "squaredcos_cap_v2")
+        norm_groups=1 if super_res else 8, noise_schedule="linear" if super_res else "squaredcos_cap_v2")
     if kind == "glide":
         config.update(text_ctx=24, xf_width=64, xf_layers=2, xf_heads=2, xf_final_ln=True, xf_padding=True,
                       n_vocab=n_vocab)
@@ -100,11 +90,10 @@ def toy_config(kind="piti", super_res=False, task="mask", n_vocab=64):
     return config
 
 def build_model(config):
-    if config.get("kind") == "glide":
-        return GlideText(config)
-    if config.get("kind") == "piti":
-        return PITI(config)
-    raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
+    models = {"glide": GlideText, "piti": PITI}
+    if config.get("kind") not in models:
+        raise ModelError(f"unknown model kind {config.get('kind')!r} (expected 'glide' or 'piti')")
+    return models[config["kind"]](config)
 
 def infer_config(state_dict, hints=None):
     """Read a model's hyper-parameters off its state dict's keys and shapes; head counts, norm groups and image
@@ -122,21 +111,14 @@ def infer_config(state_dict, hints=None):
     super_res = in_ch == 6
     def count(prefix):  # how many numbered children `prefix` has, e.g. decoder.input_blocks.N
         return 1 + max(int(k[len(prefix):].split(".")[0]) for k in state_dict if k.startswith(prefix))
-
     n_in, n_out = count(p + "input_blocks."), count(p + "output_blocks.")
-    # Every level but the first ends its output blocks with an upsampling ResBlock, the last
-    # layer of its block: count those to get the number of levels.
-    ups = sum(1 for i in range(n_out) if any(k.startswith(f"{p}output_blocks.{i}.") and ".in_layers." in k
-                                                and f"{p}output_blocks.{i}.0." not in k for k in state_dict))
-    levels = ups + 1
+    # each level but the first ends its output blocks with an upsampling ResBlock (layer 1, or 2 after an attention)
+    levels = 1 + sum(f"{p}output_blocks.{i}.{j}.in_layers.0.weight" in state_dict for i in range(n_out) for j in (1, 2))
     per_level = n_out // levels  # num_res_blocks + 1
     assert n_in == levels * per_level, "input and output blocks disagree"
-    mult, attention_ds = [], []
-    for level in range(levels):
-        first = 1 + level * per_level
-        mult.append(state_dict[f"{p}input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
-        if f"{p}input_blocks.{first}.1.qkv.weight" in state_dict:
-            attention_ds.append(2 ** level)
+    firsts = [1 + level * per_level for level in range(levels)]  # each level's first input block
+    mult = [state_dict[f"{p}input_blocks.{i}.0.out_layers.3.weight"].shape[0] // mc for i in firsts]
+    attention_ds = [2 ** level for level, i in enumerate(firsts) if f"{p}input_blocks.{i}.1.qkv.weight" in state_dict]
     config = dict(kind=kind, super_res=bool(super_res), model_channels=int(mc), num_res_blocks=per_level - 1,
                   channel_mult=mult, attention_ds=attention_ds,
                   num_head_channels=hints.get("num_head_channels", 64), norm_groups=hints.get("norm_groups", 32),
@@ -145,9 +127,8 @@ def infer_config(state_dict, hints=None):
     if kind == "glide":
         ctx, width = state_dict["positional_embedding"].shape
         config.update(text_ctx=ctx, xf_width=width, n_vocab=state_dict["token_embedding.weight"].shape[0],
-                      xf_layers=count("transformer.resblocks."),
-                      xf_heads=hints.get("xf_heads", 8), xf_final_ln="final_ln.weight" in state_dict,
-                      xf_padding="padding_embedding" in state_dict)
+                      xf_layers=count("transformer.resblocks."), xf_heads=hints.get("xf_heads", 8),
+                      xf_final_ln="final_ln.weight" in state_dict, xf_padding="padding_embedding" in state_dict)
     else:
         stem = "cnn" if "encoder.cnn.conv2.weight" in state_dict else "patch"
         grid = hints.get("patch_grid", 1)  # a patch stem reads grid x grid means of each channel
@@ -155,9 +136,9 @@ def infer_config(state_dict, hints=None):
         task = {c: t for t, c in TASK_CHANNELS.items()}.get(cond_channels)
         if task is None:
             raise ModelError(f"PITI encoder takes {cond_channels} condition channels; known tasks take 3, 1 or 6")
-        layers = count("encoder.transformer.resblocks.")
         config.update(task=task, cond_channels=cond_channels, encoder_width=state_dict["encoder.cls_token"].shape[-1],
-                      encoder_layers=layers, encoder_heads=hints.get("encoder_heads", 8),
+                      encoder_layers=count("encoder.transformer.resblocks."),
+                      encoder_heads=hints.get("encoder_heads", 8),
                       cond_size=16 * round((state_dict["encoder.positional_embedding"].shape[1] - 1) ** 0.5),
                       stem=stem, **{k: hints[k] for k in ("patch_grid", "patch_norm") if k in hints})
     return config
@@ -193,14 +174,11 @@ def load_model(path_or_state_dict, use_ema=True, config=None):
     if "model" in obj and "config" in obj:  # a nanopiti checkpoint
         config = config or obj["config"]
         state_dict = obj["ema"] if use_ema and obj.get("ema") is not None else obj["model"]
-    else:
-        if "state_dict" in obj:
-            hints, obj = obj.get("config", {}), obj["state_dict"]
-        state_dict = obj
+    else:  # a released state dict, or `state_dict` with its `config` as hints
+        hints, state_dict = obj.get("config", {}), obj.get("state_dict", obj)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ModelError(f"{name}: not a state dict of tensors")
     state_dict = {k: v.float() for k, v in state_dict.items()}
-    config = config or infer_config(state_dict, hints)
-    model = build_model(config)
+    model = build_model(config or infer_config(state_dict, hints))
     _load_strict(model, state_dict, name)
     return model.eval()
