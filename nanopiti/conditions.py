@@ -20,14 +20,9 @@ def l1_distance_transform(edges):
     separates, so two running-minimum sweeps along x, then two along y, each vectorized over the other axis."""
     h, w = edges.shape
     d = np.where(edges, 0, h + w).astype(np.int32)
-    for x in range(1, w):
-        np.minimum(d[:, x], d[:, x - 1] + 1, out=d[:, x])
-    for x in range(w - 2, -1, -1):
-        np.minimum(d[:, x], d[:, x + 1] + 1, out=d[:, x])
-    for y in range(1, h):
-        np.minimum(d[y], d[y - 1] + 1, out=d[y])
-    for y in range(h - 2, -1, -1):
-        np.minimum(d[y], d[y + 1] + 1, out=d[y])
+    for view in (d.T, d.T[::-1], d, d[::-1]):  # columns left to right, right to left, then rows down, up
+        for i in range(1, len(view)):
+            np.minimum(view[i], view[i - 1] + 1, out=view[i])
     return d
 
 def binarize_sketch(gray):
@@ -63,10 +58,8 @@ def encode_depth(depth, valid):
     depth = np.asarray(depth, dtype=np.float32)
     valid = np.asarray(valid) > 0
     max_depth = min(300.0, float(np.percentile(depth, 99)))
-    logd = np.log(np.clip(depth, 0.5, max(max_depth, 0.5)))
-    x = logd / np.log(max_depth + 1.01) * 256
-    x[x == 256] = 255
-    index = np.clip(x, 0, 255).astype(np.int64)  # under -> 0, over -> 255, as matplotlib
+    x = np.log(np.clip(depth, 0.5, max(max_depth, 0.5))) / np.log(max_depth + 1.01) * 256
+    index = np.clip(x, 0, 255).astype(np.int64)  # under -> 0, over (and 256) -> 255, as matplotlib
     rgb = jet_lut()[index]
     rgb[~valid] = 0.0
     return (rgb * 255).astype(np.uint8)

@@ -1,17 +1,15 @@
 """Degradations of the upsampler's low-resolution input (paper Sec. 3.3).
 
-At sampling time the upsampler sees the base model's 64x64 samples, which are blurrier, noisier
-and smoother than a clean downsampled photo. So, following GLIDE and PITI, it is trained on
-low-resolution inputs made from the 256x256 training image by a random degradation chain: the
-"light" variant of the BSRGAN model (Zhang et al. 2021) that PITI's data loader runs, with an L0
-gradient-minimization smoothing step (Xu et al. 2011) added "to mimic the oversmoothed effect".
+At sampling time the upsampler sees the base model's 64x64 samples, blurrier, noisier and smoother than a clean
+downsampled photo. So, following GLIDE and PITI, it is trained on low-resolution inputs made from the 256x256
+training image by a random degradation chain: the "light" variant of BSRGAN (Zhang et al. 2021) that PITI's data
+loader runs, with an L0 gradient-minimization smoothing step (Xu et al. 2011) "to mimic the oversmoothed effect".
 
 The chain, with PITI's parameters (glide_text2im/degradation/bsrgan_light.py):
   - with p=0.25 (only when sf == 4) first halve the image, then run the rest with sf = 2;
   - then, in random order (the second downsampling always before the third):
     blur (p=0.8): isotropic or anisotropic Gaussian kernel;
-    downsampling 2: by a random factor in [1, 2 sf] with bilinear/bicubic/area interpolation
-      (p=0.8), else a Gaussian blur and nearest (strided) subsampling by sf;
+    downsampling 2: by a random factor in [1, 2 sf], random interpolation (p=0.8), else blur + stride sf;
     downsampling 3: to the target size H/sf x W/sf, random interpolation;
     Gaussian noise of level 1 or 2 / 255 (color, gray, or correlated across channels);
     JPEG compression (p=0.5) at quality 80..95;
@@ -28,9 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 SCALE2_P, BLUR_P, JPEG_P, L0_P = 0.25, 0.8, 0.5, 0.2
-NOISE_LEVELS = (1, 2)  # Gaussian noise sigma, in 1/255 units
-JPEG_QUALITY = (80, 95)
-L0_LAMBDA = (1.2e-3, 4e-3)
+NOISE_LEVELS, JPEG_QUALITY, L0_LAMBDA = (1, 2), (80, 95), (1.2e-3, 4e-3)  # noise: Gaussian sigma in 1/255 units
 INTERPOLATIONS = ("bilinear", "bicubic", "area")  # cv2's INTER_LINEAR, INTER_CUBIC, INTER_AREA
 
 class DegradeError(ValueError):
@@ -46,8 +42,6 @@ def as_float_image(img):
     if not np.issubdtype(img.dtype, np.floating) or img.min() < -1e-3 or img.max() > 1 + 1e-3:
         raise DegradeError("float images must hold values in [0, 1] (or pass uint8 in 0..255)")
     return np.clip(img, 0, 1).astype(np.float32)
-
-# --- kernels ---
 
 def _gaussian(size, inv_cov, center=0.0):
     """exp(-x^T C^-1 x / 2) on a size x size grid centered at (size - 1) / 2 + center, sum 1."""
@@ -66,8 +60,6 @@ def anisotropic_gaussian_kernel(size, theta, l1, l2):
     rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
     cov = rot @ np.diag([max(l1, 1e-3), max(l2, 1e-3)]) @ rot.T
     return _gaussian(size, np.linalg.inv(cov))
-
-# --- operations ---
 
 def _to_torch(img):
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))[None]
@@ -99,13 +91,11 @@ def jpeg(img, quality):
 def l0_smooth(img, lam, kappa=2.0, beta_max=1e5):
     """L0 gradient minimization (Xu et al. 2011): min_S |S - I|^2 + lam * #{p : grad S(p) != 0}.
 
-    Half-quadratic splitting: auxiliary gradients (h, v) and a weight beta that grows from 2 lam
-    by a factor kappa up to beta_max. Each round (a) keeps (h, v) = grad S only where
-    |grad S|^2 > lam / beta (elsewhere 0), then (b) solves the quadratic problem for S exactly
-    in the Fourier domain, with circular boundaries and forward differences:
+    Half-quadratic splitting: auxiliary gradients (h, v) and a weight beta that grows from 2 lam by a factor kappa
+    up to beta_max. Each round (a) keeps (h, v) = grad S only where |grad S|^2 > lam / beta (elsewhere 0), then
+    (b) solves the quadratic problem for S exactly in the Fourier domain (circular boundaries, forward differences):
         S = F^-1[(F(I) + beta (F(dx)* F(h) + F(dy)* F(v))) / (1 + beta (|F(dx)|^2 + |F(dy)|^2))].
-    `img` is in [0, 1] (uint8 is accepted); lam is relative to that scale.
-    """
+    `img` is in [0, 1] (uint8 is accepted); lam is relative to that scale."""
     image = np.ascontiguousarray(as_float_image(img).transpose(2, 0, 1))  # C x H x W: fast FFTs
     h, w = image.shape[1:]
     f_img = np.fft.rfft2(image)
@@ -117,8 +107,7 @@ def l0_smooth(img, lam, kappa=2.0, beta_max=1e5):
     while beta < beta_max:
         dx, dy = np.roll(s, -1, axis=2) - s, np.roll(s, -1, axis=1) - s
         keep = (dx ** 2 + dy ** 2).sum(0) >= lam / beta  # elsewhere the gradient is set to 0
-        dx *= keep
-        dy *= keep
+        dx, dy = dx * keep, dy * keep
         # the adjoint of the forward difference: h(x - 1) - h(x)
         div = np.roll(dx, 1, axis=2) - dx + np.roll(dy, 1, axis=1) - dy
         s = np.fft.irfft2((f_img + beta * np.fft.rfft2(div)) / (1 + beta * mtf), s=(h, w))
@@ -165,10 +154,8 @@ def degrade_bsr(img, sf, rng, p_l0=0.0):
         raise DegradeError(f"image of size {image.shape[:2]} is smaller than the scale factor {sf}")
     image, out_h, out_w = image[:h, :w], h // sf, w // sf
     if sf == 4 and rng.random() < SCALE2_P:  # a first halving, then the chain works at sf = 2
-        if rng.random() < 0.5:
-            image = _random_resize(image, h // 2, w // 2, rng)
-        else:
-            image = resize(image, h // 2, w // 2, "bicubic", antialias=True)
+        image = (_random_resize(image, h // 2, w // 2, rng) if rng.random() < 0.5
+                 else resize(image, h // 2, w // 2, "bicubic", antialias=True))
         sf = 2
     order = list(rng.permutation(["blur", "down2", "down3", "noise", "jpeg", "l0"]))
     i2, i3 = order.index("down2"), order.index("down3")

@@ -1,10 +1,8 @@
-"""The adversarial loss of PITI's upsampler (paper eq. 5): a PatchGAN discriminator judges the
-predicted x0 against real images.
+"""PITI's upsampler's adversarial loss (paper eq. 5): a PatchGAN critic judges the predicted x0 against real images.
 
-`PatchDiscriminator` is pix2pix's 70x70 PatchGAN (Isola et al. 2017), the release's `NLayerDiscriminator`: one
-score per 70x70 patch (30x30 for a 256x256 image), a texture critic, as an upsampler needs (the low-res input
-fixes the layout). The PITI release trains it as a WGAN-GP critic (Gulrajani et al. 2017), as nanopiti does by
-default (`loss="wgan-gp"`):
+`PatchDiscriminator` is pix2pix's PatchGAN (Isola et al. 2017), the release's `NLayerDiscriminator`: one score per
+70x70 patch (30x30 for a 256x256 image), a texture critic, as an upsampler needs (the low-res input fixes the
+layout). PITI trains it as a WGAN-GP critic (Gulrajani et al. 2017), the default here (`loss="wgan-gp"`):
 
     critic:    L_D = E[D(fake)] - E[D(real)] + 10 E[(||grad_x D(x_mix)||_2 - 1)^2]
     generator: L_adv = -E[D(fake)]                      (per sample, weighted by 0.01 in eq. 5)

@@ -2,12 +2,10 @@
 
 PITI's sketch task (paper Sec. 4.1) "extract[s] sketches of images via HED and then binarize[s] extracted
 sketches". HED (Xie & Tu, 2015) is VGG16 up to conv5_3 with a 1x1 "score" conv on each of its 5 stages, upsampled
-bilinearly to the input size and fused by a 1x1 conv into one edge probability.
-
-PITI's weights are the Caffe BSDS500 model converted by sniklaus/pytorch-hed ("network-bsds500.pytorch"): keys
-`moduleVggOne.0.weight`, ..., `moduleScoreOne.weight`, ..., `moduleCombine.0.weight` (newer copies: `net`), which
-`load_hed` maps onto the modules below (same Sequential order: only the prefixes change). Input: BGR in 0..255
-minus the Caffe VGG mean; PITI binarizes the output at 0.6.
+bilinearly to the input size and fused by a 1x1 conv into one edge probability. PITI's weights are the Caffe
+BSDS500 model converted by sniklaus/pytorch-hed ("network-bsds500.pytorch"): keys `moduleVggOne.0.weight`, ...,
+`moduleScoreOne.weight`, ..., `moduleCombine.0.weight` (newer copies: `net`), which `load_hed` maps onto the
+modules below (same Sequential order: only the prefixes change). Input: BGR in 0..255 minus the Caffe VGG mean.
 
 Without the weights, `canny_edges` gives thin binary edges with no learned notion of object boundaries: fine for
 nanopiti's own experiments, not what PITI's released sketch checkpoints were trained on.
@@ -26,20 +24,18 @@ _STAGE_NAMES = ("One", "Two", "Thr", "Fou", "Fiv")
 class HEDError(Exception):
     """A HED weights file that cannot be read or does not fit the network."""
 
-def _vgg_stage(c_in, c_out, n_convs, pool):
-    layers = [nn.MaxPool2d(kernel_size=2, stride=2)] if pool else []
-    for i in range(n_convs):
-        layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1), nn.ReLU()]
-    return nn.Sequential(*layers)
-
 class HED(nn.Module):
     """VGG16 trunk + 5 side outputs + learned fusion; returns edge probabilities in [0, 1]."""
 
     def __init__(self):
         super().__init__()
         widths = [(3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3)]
-        self.stages = nn.ModuleList(
-            _vgg_stage(c_in, c_out, n, pool=i > 0) for i, (c_in, c_out, n) in enumerate(widths))
+        self.stages = nn.ModuleList()
+        for i, (c_in, c_out, n_convs) in enumerate(widths):
+            layers = [nn.MaxPool2d(kernel_size=2, stride=2)] if i > 0 else []
+            for j in range(n_convs):
+                layers += [nn.Conv2d(c_in if j == 0 else c_out, c_out, 3, padding=1), nn.ReLU()]
+            self.stages.append(nn.Sequential(*layers))
         self.scores = nn.ModuleList(nn.Conv2d(c_out, 1, 1) for _, c_out, _ in widths)
         self.combine = nn.Conv2d(5, 1, 1)
 
@@ -72,14 +68,12 @@ def load_hed(path, device="cpu"):
         raise HEDError(f"cannot read HED weights {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise HEDError(f"{path} is not a state dict (got {type(state).__name__})")
-    model = HED()
-    converted = convert_hed_state_dict(state)
+    model, converted = HED(), convert_hed_state_dict(state)
     missing, unexpected = model.state_dict().keys() - converted.keys(), converted.keys() - model.state_dict().keys()
     if missing or unexpected:
-        raise HEDError(
-            f"{path} is not a HED checkpoint: {len(missing)} missing keys (e.g. {sorted(missing)[:2]}), "
-            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}); expected "
-            "sniklaus/pytorch-hed's network-bsds500.pytorch")
+        raise HEDError(f"{path} is not a HED checkpoint: {len(missing)} missing keys (e.g. {sorted(missing)[:2]}), "
+                       f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]}); expected "
+                       "sniklaus/pytorch-hed's network-bsds500.pytorch")
     for key, value in model.state_dict().items():
         if converted[key].shape != value.shape:
             raise HEDError(f"{path}: {key} has shape {tuple(converted[key].shape)}, expected {tuple(value.shape)}")
@@ -116,17 +110,15 @@ def canny_edges(rgb, sigma=1.4, low=0.1, high=0.2):
     mag = torch.hypot(gx, gy)
     mag = mag / mag.max().clamp_min(1e-8)
 
-    # direction in [0, 180) quantized to 4 bins; the two neighbours along each direction
+    # direction in [0, 180) quantized to 4 bins; a pixel must beat its two neighbours at +-(dy, dx) of its bin
     angle = torch.rad2deg(torch.atan2(gy, gx)) % 180.0
     bins = (((angle + 22.5) // 45) % 4).long()
-    offsets = [((0, 1), (0, -1)), ((1, 1), (-1, -1)), ((1, 0), (-1, 0)), ((1, -1), (-1, 1))]
     m = F.pad(mag, (1, 1, 1, 1))
     h, w = mag.shape
     keep = torch.zeros_like(mag, dtype=torch.bool)
-    for b, ((dy1, dx1), (dy2, dx2)) in enumerate(offsets):
-        n1 = m[1 + dy1:1 + dy1 + h, 1 + dx1:1 + dx1 + w]
-        n2 = m[1 + dy2:1 + dy2 + h, 1 + dx2:1 + dx2 + w]
-        keep |= (bins == b) & (mag >= n1) & (mag >= n2)
+    for b, (dy, dx) in enumerate([(0, 1), (1, 1), (1, 0), (1, -1)]):
+        ahead, behind = (m[1 + s * dy:1 + s * dy + h, 1 + s * dx:1 + s * dx + w] for s in (1, -1))
+        keep |= (bins == b) & (mag >= ahead) & (mag >= behind)
     thin = mag * keep
 
     return hysteresis((thin >= high).numpy(), (thin >= low).numpy())
@@ -144,15 +136,10 @@ def hysteresis(strong, weak):
         smallest = np.min([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)], axis=0)
         hooked = label.copy()
         np.minimum.at(hooked, label[inside], smallest.ravel()[inside])
-        while True:
-            jumped = hooked[hooked]
-            if np.array_equal(jumped, hooked):
-                break
+        while not np.array_equal(jumped := hooked[hooked], hooked):  # pointer jumping until every label is a root
             hooked = jumped
         if np.array_equal(hooked, label):
             break
         label = hooked
-    keep = np.zeros(h * w + 1, dtype=bool)
-    keep[label[np.flatnonzero(strong)]] = True
-    keep[none] = False
-    return keep[label[:-1]].reshape(h, w)
+    roots = label[:-1]  # a pixel is kept if its root is a strong pixel's root (and it is weak)
+    return (np.isin(roots, label[np.flatnonzero(strong)]) & (roots != none)).reshape(h, w)

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 # `features` Sequential conv i sits at an even offset: conv1_1 = 0, conv1_2 = 2, pool = 4, ...
 VGG19 = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"]
 CONV2_2 = 8  # the number of `features` modules up to conv2_2, before its ReLU (PITI's conv_index '22')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class PerceptualError(ValueError):
     """VGG weights that are missing or do not fit."""
@@ -94,5 +93,4 @@ class VGGPerceptual(nn.Module):
         feature difference; the target's features carry no gradient."""
         with torch.no_grad():
             target_features = self.features_of(target)
-        diff = F.mse_loss(self.features_of(pred), target_features, reduction="none")
-        return diff.mean(dim=(1, 2, 3))
+        return F.mse_loss(self.features_of(pred), target_features, reduction="none").mean(dim=(1, 2, 3))
