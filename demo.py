@@ -112,15 +112,16 @@ class Demo:
         """Picture file bytes -> the canvas, size x size x 3 uint8 (nearest neighbour): label colors or white lines."""
         try:
             img = Image.open(io.BytesIO(data))  # reads the header only: the size is known before decoding
-            if img.width * img.height > MAX_PIXELS:
-                raise Image.DecompressionBombError
-            img.load()
-        except Image.DecompressionBombError:
-            raise DemoError(f"the picture has too many pixels; at most {MAX_PIXELS} (e.g. 4096 x 4096) "
-                            "are accepted") from None
+            too_big = img.width * img.height > MAX_PIXELS
+            if not too_big:
+                img.load()
+        except Image.DecompressionBombError:  # PIL's own limit, above ours
+            too_big = True
         except Exception as e:  # not a picture, truncated, ...
             raise DemoError(f"the picture cannot be read ({type(e).__name__}); "
                             "upload a PNG, JPEG, BMP or WebP file") from None
+        if too_big:
+            raise DemoError(f"the picture has too many pixels; at most {MAX_PIXELS} (e.g. 4096 x 4096) are accepted")
         img = img.resize((self.size, self.size), Image.NEAREST)
         if self.task == "sketch":
             lines = binarize_sketch(img.convert("L"))  # either polarity, as sample.py reads sketches

@@ -398,7 +398,7 @@ def train(args):
         x0 = batch["image"].to(device)
         kwargs, _ = model_kwargs(model, batch, device, drop)
 
-        parts = []  # each micro-batch's losses per sample, detached
+        parts, fakes = [], []  # each micro-batch's losses per sample, and its predicted x0 for the critic (detached)
         chunks = [slice(i, min(i + micro, local_batch)) for i in range(0, local_batch, micro)]
         for i, sl in enumerate(chunks):
             kw = {k: v[sl] for k, v in kwargs.items()}
@@ -416,8 +416,10 @@ def train(args):
                             losses["adv"] = generator_loss(disc, losses["pred_xstart"].float(), args.gan_loss)
                         losses["loss"] = losses["loss"] + args.adv_weight * losses["adv"]
                 scaler.scale((losses["loss"] * weights[sl]).sum() / local_batch).backward()
-            parts.append({k: v.detach().float() for k, v in losses.items() if k != "x_t"})
-        terms = {k: sum(part[k].sum() for part in parts) for k in parts[0] if k != "pred_xstart"}
+            parts.append({k: v.detach().float() for k, v in losses.items() if k not in ("x_t", "pred_xstart")})
+            if disc is not None:
+                fakes.append(losses["pred_xstart"].detach().float())
+        terms = {k: sum(part[k].sum() for part in parts) for k in parts[0]}
 
         # The optimizer step, unless some gradient is inf/NaN (then skip it and say so).
         scaler.unscale_(opt)  # a no-op unless fp16
@@ -436,7 +438,6 @@ def train(args):
 
         # The discriminator's step, on this step's (detached) predicted x0 against real images.
         if disc is not None:
-            fakes = [part["pred_xstart"] for part in parts]  # detached
             terms["disc"] = critic_step(disc, disc_opt, [x0[sl].float() for sl in chunks], fakes, args.gan_loss,
                                         [mix[sl] for sl in chunks], local_batch)
 

@@ -62,7 +62,7 @@ class ResBlock(nn.Module):
     def forward(self, x, emb):
         h = self.in_layers[0](x)
         if self.up:
-            h, x = (F.interpolate(v, scale_factor=2, mode="nearest") for v in (h, x))
+            h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
         elif self.down:
             h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
         h = self.in_layers[2](h)
